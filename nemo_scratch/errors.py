@@ -1,0 +1,37 @@
+"""Every user-facing failure of nemo_scratch is one of these exceptions.
+
+The message always names the file, tensor, field or argument at fault and what was expected, so that the
+CLI can print it as one line (no traceback) and a script can catch one class.
+"""
+
+
+class NemoScratchError(Exception):
+    """Base class: catch this to handle any failure the package reports on purpose."""
+
+
+class ConfigError(NemoScratchError, ValueError):
+    """A config.json field (or preset override) is missing, malformed or inconsistent."""
+
+
+class CheckpointError(NemoScratchError, ValueError):
+    """A checkpoint file or tensor is missing, unexpected, misshaped, of the wrong dtype, truncated or corrupt."""
+
+
+class ShapeError(NemoScratchError, ValueError):
+    """An op received an array whose shape does not fit its signature."""
+
+
+class DtypeError(NemoScratchError, TypeError):
+    """An op received an array of an unsupported dtype (ops take float32 or float64, never silently promote)."""
+
+
+class InputError(NemoScratchError, ValueError):
+    """A user argument is out of range: token ids outside the vocabulary, an empty prompt, a bad option."""
+
+
+class BackendError(NemoScratchError, RuntimeError):
+    """A backend is unknown, or cannot run here (no GPU, missing package); the message says which."""
+
+
+class PlanError(NemoScratchError, ValueError):
+    """A multi-GPU placement is impossible (the weights do not fit the stated memory)."""
