@@ -246,8 +246,8 @@ class NemotronConfig:
                 continue
             value = getattr(self, f.name)
             out[f.name] = list(value) if isinstance(value, tuple) else value
-        out["time_step_limit"] = [self.time_step_limit[0],
-                                  self.time_step_limit[1] if math.isfinite(self.time_step_limit[1]) else "inf"]
+        # inf is written as JSON's "Infinity" extension, as transformers writes it
+        out["time_step_limit"] = [float(v) for v in self.time_step_limit]
         out["hybrid_override_pattern"] = self.hybrid_override_pattern
         out["num_hidden_layers"] = self.num_hidden_layers
         if self.num_nextn_predict_layers:
@@ -261,17 +261,11 @@ class NemotronConfig:
 
     def save(self, directory) -> Path:
         path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True, default=_json_default) + "\n")
+        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
         return path
 
     def replace(self, **changes) -> "NemotronConfig":
         return dataclasses.replace(self, **changes).validate()
-
-
-def _json_default(value):
-    if isinstance(value, float) and math.isinf(value):
-        return "inf"
-    raise TypeError(f"cannot serialise {value!r}")
 
 
 def _number(value, name, kind, source):

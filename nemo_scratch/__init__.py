@@ -1,0 +1,49 @@
+"""nemo_scratch: Nemotron 3 from scratch — a readable NumPy reference with Numba-CUDA and CuPy kernel twins.
+
+    import nemo_scratch
+    model = nemo_scratch.load()                       # the bundled tiny trained model
+    model = nemo_scratch.load("path/to/checkpoint")   # any Nemotron-H / Nemotron 3 HF checkpoint
+    logits = model.forward([[1, 2, 3]])               # [b, t, v] float32
+    result = model.generate([1, 2, 3], 16, mtp=True)  # speculative decoding with the MTP head
+"""
+
+from pathlib import Path
+
+from .config import PRESETS, NemotronConfig, preset
+from .errors import NemoScratchError
+
+__version__ = "0.1.0"
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "nemotron3-tiny"
+
+
+def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mtp=True):
+    """Load a checkpoint directory (config.json + safetensors, BF16 or ModelOpt NVFP4/FP8) into a Model.
+
+    path      checkpoint directory; None = the bundled tiny trained model
+    backend   "numpy" (the reference), "numba" or "cupy" (GPU kernels)
+    dtype     "float32" (default) or "float64" (oracle mode); packed NVFP4/FP8 weights stay packed
+    dt_floor  "config" (time_step_limit of config.json), "transformers" (floor at time_step_min, as
+              transformers 5.x does) or a number
+    """
+    from .checkpoint import load_tensors
+    from .model.model import Model
+    from .model.tokenizer import load_tokenizer
+    from .model.weights import build_params
+
+    path = Path(DEFAULT_CHECKPOINT if path is None else path)
+    cfg, tensors, info = load_tensors(path, dtype=dtype)
+    params = build_params(cfg, tensors, with_mtp=with_mtp)
+    return Model(cfg, params, backend=backend, dt_floor=dt_floor, info=info,
+                 tokenizer=load_tokenizer(path, cfg), path=path)
+
+
+def __getattr__(name):
+    if name == "Model":
+        from .model.model import Model
+
+        return Model
+    raise AttributeError(name)
+
+
+__all__ = ["load", "Model", "NemotronConfig", "preset", "PRESETS", "NemoScratchError", "DEFAULT_CHECKPOINT"]

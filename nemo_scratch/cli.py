@@ -1,0 +1,221 @@
+"""``nemo-scratch`` (= ``python -m nemo_scratch``): thin subcommands over the Python API.
+
+Each command parses its arguments, calls one API function and prints. Failures the package reports on
+purpose (nemo_scratch.errors) print one line, ``error: ...``, and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, NemoScratchError
+
+
+def _ids(text):
+    try:
+        return [int(tok) for tok in text.replace(" ", "").split(",") if tok != ""]
+    except ValueError:
+        raise InputError(f"--ids must be comma-separated integers like 1,2,3, got {text!r}") from None
+
+
+def _load(args):
+    from . import load
+
+    return load(args.checkpoint, backend=args.backend, dtype=args.dtype, dt_floor=args.dt_floor)
+
+
+def _prompt_ids(model, args):
+    if args.ids is not None:
+        return _ids(args.ids)
+    if model.tokenizer is None:
+        raise InputError(f"{model.path}: the checkpoint has no tokenizer.json and declares no byte-level "
+                         "tokenizer; pass --ids instead of --prompt")
+    ids = model.tokenizer.encode(args.prompt)
+    if not ids:
+        raise InputError("--prompt is empty after tokenization")
+    return ids
+
+
+# ------------------------------------------------------------------------------------------ commands
+def cmd_forward(args):
+    model = _load(args)
+    logits = model.forward([_ids(args.ids)])
+    if args.out:
+        np.save(args.out, logits)
+        print(f"wrote {args.out}: logits {list(logits.shape)} {logits.dtype}")
+    else:
+        top = np.argmax(logits[0], axis=-1)
+        print(f"logits {list(logits.shape)} {logits.dtype}; argmax per position: {top.tolist()}")
+
+
+def cmd_generate(args):
+    model = _load(args)
+    ids = _prompt_ids(model, args)
+    stream = args.stream and not args.json and model.tokenizer is not None
+    on_token = (lambda new: print(model.tokenizer.decode(new), end="", flush=True)) if stream else None
+    if stream:
+        print(model.tokenizer.decode(ids), end="", flush=True)
+    res = model.generate(ids, args.max_new_tokens, greedy=args.greedy or args.temperature is None,
+                         temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, mtp=args.mtp,
+                         draft_depth=args.draft_depth, stop_at_eos=args.stop_at_eos, on_token=on_token)
+    new = res.ids[0].tolist()
+    text = model.tokenizer.decode(new) if model.tokenizer is not None else None
+    if args.json:
+        out = {"ids": new, "text": text, "tokens_per_s": round(res.tokens_per_s, 3)}
+        if args.mtp:
+            out["mtp"] = res.stats
+        print(json.dumps(out))
+        return
+    if stream:
+        print()
+    else:
+        print(text if text is not None else new)
+    print(f"[{len(new)} tokens, {res.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    if args.mtp:
+        s = res.stats
+        print(f"[MTP: accepted {s['accepted']}/{s['proposed']} drafts ({100 * s['acceptance_rate']:.0f}%), "
+              f"per depth {[round(a, 2) for a in s['acceptance_per_depth']]}, "
+              f"{s['forward_passes_saved']} main-model forward passes saved]", file=sys.stderr)
+
+
+def cmd_make_random(args):
+    from .checkpoint import make_random_checkpoint
+    from .config import preset
+
+    cfg = preset(args.preset)
+    if args.no_mtp:
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    make_random_checkpoint(args.out, cfg, seed=args.seed, shards=args.shards)
+    print(f"wrote a random '{args.preset}' checkpoint to {args.out} ({args.shards} shard(s))")
+
+
+def cmd_quantize(args):
+    from .checkpoint.convert import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.src, args.dst, args.recipe)
+    print(f"wrote {args.dst} (recipe {args.recipe}): " +
+          ", ".join(f"{n} {fmt}" for fmt, n in sorted(summary.items())) + " tensors")
+
+
+def cmd_inspect(args):
+    from .checkpoint.convert import format_inspection, inspect_checkpoint
+
+    report = inspect_checkpoint(args.checkpoint)
+    print(json.dumps(report, indent=2) if args.json else format_inspection(report))
+
+
+def cmd_plan(args):
+    from .params import format_plan, plan
+
+    report = plan(args.preset, args.recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+
+
+def cmd_golden(args):
+    from .golden import write_golden
+
+    path = write_golden(args.op, args.shape, args.out, seed=args.seed)
+    print(f"wrote {path}")
+
+
+def cmd_demo(args):
+    from .demo import run_demo
+
+    run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, draft_depth=args.draft_depth)
+
+
+# ------------------------------------------------------------------------------------------ parser
+def _model_args(p):
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="checkpoint directory (default: the bundled tiny trained model)")
+    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cupy"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dt-floor", default="config",
+                   help="'config' (default), 'transformers' (floor at time_step_min as transformers 5.x) "
+                        "or a number")
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="nemo-scratch", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("forward", help="logits for a list of token ids")
+    _model_args(p)
+    p.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
+    p.add_argument("--out", help="write the float32 logits [1, t, v] to this .npy file")
+    p.set_defaults(func=cmd_forward)
+
+    p = sub.add_parser("generate", help="generate tokens (greedy, sampling, or MTP speculative decoding)")
+    _model_args(p)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ids", help="comma-separated prompt token ids")
+    src.add_argument("--prompt", help="prompt text (tokenizer.json or the byte-level tokenizer)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head")
+    p.add_argument("--draft-depth", type=int, default=2, help="MTP draft tokens per round (default 2)")
+    p.add_argument("--stop-at-eos", action="store_true")
+    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--json", action="store_true", help='print {"ids", "text", "tokens_per_s"[, "mtp"]}')
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("make-random", help="write a random checkpoint in NVIDIA's layout")
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("out", type=Path)
+    p.add_argument("--shards", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layers")
+    p.set_defaults(func=cmd_make_random)
+
+    p = sub.add_parser("quantize", help="write a ModelOpt NVFP4/FP8 checkpoint from a BF16 one")
+    p.add_argument("src", type=Path)
+    p.add_argument("dst", type=Path)
+    p.add_argument("--recipe", default="ultra", choices=["ultra", "super", "nano", "fp8"])
+    p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("inspect", help="tensors by block type and format, bytes, bits per parameter")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plan", help="parameters, bytes and per-GPU memory from a preset, without weights")
+    p.add_argument("--preset", required=True)
+    p.add_argument("--recipe", default="bf16", choices=["bf16", "fp8", "nano", "super", "ultra"])
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("golden", help="export an op's inputs and reference outputs (float64 and float32)")
+    p.add_argument("--op", required=True)
+    p.add_argument("--shape", default="", help="dimension sizes, e.g. b=1,t=16,h=4,p=8,g=2,n=8")
+    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_golden)
+
+    p = sub.add_parser("demo", help="the bundled trained model: generate with and without MTP")
+    p.add_argument("--prompt", default=None)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--draft-depth", type=int, default=2)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except NemoScratchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:
+        return 0
+    return 0

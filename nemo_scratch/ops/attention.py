@@ -1,0 +1,53 @@
+"""Grouped-query attention (GQA) without positional encoding. Spec section 4 and pitfall 6.
+
+The t queries are the LAST t positions of the s keys (t <= s): a prefill has t == s, a decode step t == 1
+against a cache that already holds the new token's key and value. Query head j reads kv head j // (q // kv)
+(transformers' ``repeat_kv``). Scores are scaled by dh**-0.5 and the softmax, with the row maximum
+subtracted, runs in the compute dtype (float32, or float64 in oracle mode).
+"""
+
+import numpy as np
+
+from ..errors import ShapeError
+from .common import check_float, check_shape, get_xp
+
+
+def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
+    """softmax(q k^T * dh**-0.5 + causal mask) v, with the query heads grouped over the kv heads."""
+    name = "gqa_attention"
+    dtype = check_float(name, q, k, v)
+    check_shape(name, "q", q, (None, None, None, None))
+    b, t, nq, dh = q.shape
+    check_shape(name, "k", k, (b, None, None, dh))
+    s, nkv = k.shape[1:3]
+    check_shape(name, "v", v, (b, s, nkv, dh))
+    if s < 1 or t > s:
+        raise ShapeError(f"{name}: q has t={t} positions but k has only s={s}; the queries are the last t "
+                         f"of the s key positions, so 1 <= s and t <= s")
+    if nkv < 1 or nq % nkv:
+        raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
+    xp = get_xp(q, k, v)
+    # [b, t, kv, r, dh]: query head j = gg * r + i (r = q/kv) lands at [gg, i] and reads kv head gg = j // r
+    qg = q.reshape(b, t, nkv, nq // nkv, dh)
+    # S = q k^T * dh**-0.5
+    scores = xp.einsum("btgrd,bsgd->bgrts", qg, k) * dtype.type(dh ** -0.5)                      # [b,kv,r,t,s]
+    if causal:
+        # query i sits at key position s - t + i and sees keys j <= s - t + i
+        visible = xp.arange(s)[None, :] <= xp.arange(t)[:, None] + (s - t)                       # [t,s]
+        scores = xp.where(visible, scores, dtype.type(-np.inf))
+    # P = softmax(S) = exp(S - max S) / sum exp(S - max S)
+    probs = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
+    probs = probs / xp.sum(probs, axis=-1, keepdims=True)
+    # o = P v, back to [b, t, q, dh]
+    out = xp.einsum("bgrts,bsgd->btgrd", probs, v)
+    return out.reshape(b, t, nq, dh)
+
+
+def gqa_decode(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
+    """Attention of t new tokens (small t) against a KV cache that already contains them.
+
+    The math is causal gqa_attention exactly (the new tokens are the last t of the s cached positions).
+    GPU backends give this op its own split-K kernel (the s keys cut into blocks whose partial softmaxes
+    are merged); the reference is the one-shot form.
+    """
+    return gqa_attention(q, k, v, causal=True)

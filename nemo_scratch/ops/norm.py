@@ -1,0 +1,73 @@
+"""RMSNorm and the Mamba-2 gated group RMSNorm. Spec sections 2 and 3.2.
+
+Also home of the two smooth activations the other ops share: ``sigmoid`` (the router, spec 5) and ``silu``
+(the norm's gate here, and the conv activation in conv.py), both written so that no ``exp`` can overflow.
+"""
+
+import numpy as np
+
+from ..errors import ShapeError
+from .common import check_float, check_shape, get_xp
+
+
+def sigmoid(x):  # [...] -> [...]
+    """sigma(x) = 1 / (1 + exp(-x)), evaluated through exp(-|x|) <= 1 so it never overflows."""
+    xp = get_xp(x)
+    e = xp.exp(-xp.abs(x))
+    # sigma(x) = 1/(1+e^-x) for x >= 0;  e^x/(1+e^x) for x < 0  (the same value, both with e = e^-|x|)
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
+
+
+def silu(x):  # [...] -> [...]
+    """SiLU (swish): x * sigma(x)."""
+    return x * sigmoid(x)
+
+
+def _last_dim(name, arg, x):
+    """The width of the last axis of ``x`` (which must have one)."""
+    if x.ndim < 1:
+        raise ShapeError(f"{name}: {arg} has shape {list(x.shape)}, expected at least one axis [..., width]")
+    return x.shape[-1]
+
+
+def rms_norm(x, weight, eps):  # [..., d], [d] -> [..., d]
+    """RMSNorm over the last axis (NemotronHRMSNorm = LlamaRMSNorm, spec 2).
+
+    transformers normalises in float32 and casts back to the input dtype; Llama casts before the weight
+    multiply, transformers 5.23's NemotronH (and NVIDIA's remote code) after it. Here the input dtype IS the
+    compute dtype (float32, or float64 in oracle mode), so the cast is the identity and both orders give the
+    same numbers; we keep Llama's order: normalise, cast to the input dtype, then multiply by the weight.
+    """
+    dtype = check_float("rms_norm", x, weight)
+    check_shape("rms_norm", "weight", weight, (_last_dim("rms_norm", "x", x),))
+    xp = get_xp(x, weight)
+    eps = dtype.type(eps)  # a float64 eps from a config must not promote a float32 x
+    # x_hat = x * rsqrt(mean(x^2) + eps)
+    x_hat = x * (1 / xp.sqrt(xp.mean(x * x, axis=-1, keepdims=True) + eps))
+    # y = weight * x_hat.astype(input dtype)    (the cast is a no-op: see the docstring)
+    return weight * x_hat.astype(x.dtype, copy=False)
+
+
+def gated_rms_norm(y, z, weight, n_groups, eps):  # [..., i], [..., i], [i] -> [..., i]
+    """The Mamba-2 output norm (Zamba2RMSNormGated, norm_before_gate=False, spec 3.2 and pitfall 4).
+
+    The gate multiplies FIRST; then each of ``n_groups`` contiguous groups of i/n_groups channels is
+    RMS-normalised on its own; then the weight multiplies.
+    """
+    dtype = check_float("gated_rms_norm", y, z, weight)
+    i = _last_dim("gated_rms_norm", "y", y)
+    check_shape("gated_rms_norm", "z", z, tuple(y.shape))
+    check_shape("gated_rms_norm", "weight", weight, (i,))
+    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
+        raise ShapeError(f"gated_rms_norm: n_groups={n_groups!r} must be a positive integer that divides the "
+                         f"width i={i} of y")
+    xp = get_xp(y, z, weight)
+    eps = dtype.type(eps)
+    # g = y * silu(z)                                   (gate before the norm)
+    g = y * silu(z)
+    # gg[..., G, i/G]: group G holds channels G*i/n_groups ... (G+1)*i/n_groups - 1
+    gg = g.reshape(*g.shape[:-1], n_groups, i // n_groups)
+    # gg_hat = gg * rsqrt(mean(gg^2 over the group) + eps)
+    gg = gg * (1 / xp.sqrt(xp.mean(gg * gg, axis=-1, keepdims=True) + eps))
+    # out = weight * gg_hat, back in the [..., i] layout
+    return weight * gg.reshape(g.shape)

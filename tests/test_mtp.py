@@ -1,0 +1,154 @@
+"""MTP head and speculative decoding (issue 5): lossless greedy, exact rollback, logits from the spec formula."""
+
+import numpy as np
+import pytest
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+from nemo_scratch.checkpoint.writer import random_tensors
+from nemo_scratch.config import preset
+from nemo_scratch.errors import InputError
+from nemo_scratch.model.generate import show_speculation
+from nemo_scratch.model.model import Model
+from nemo_scratch.model.weights import build_params
+from tolerances import assert_close
+
+_MODELS = {}
+
+
+def model_for(seed, **overrides):
+    key = (seed, tuple(sorted(overrides.items())))
+    if key not in _MODELS:
+        cfg = preset("tiny", **overrides)
+        _MODELS[key] = Model(cfg, build_params(cfg, random_tensors(cfg, seed=seed)))
+    return _MODELS[key]
+
+
+@given(seed=st.integers(0, 3), prompt_len=st.integers(1, 12), depth=st.integers(1, 3),
+       new=st.integers(1, 14))
+@example(seed=0, prompt_len=2, depth=3, new=12)   # prompt shorter than the conv kernel
+@example(seed=1, prompt_len=5, depth=2, new=9)    # rollbacks land mid-chunk (chunk_size 8)
+def test_greedy_mtp_is_lossless(seed, prompt_len, depth, new):
+    model = model_for(seed)
+    prompt = np.random.default_rng(seed + 100 * prompt_len).integers(0, model.cfg.vocab_size, size=prompt_len)
+    plain = model.generate(prompt, new)
+    spec = model.generate(prompt, new, mtp=True, draft_depth=depth)
+    np.testing.assert_array_equal(spec.ids, plain.ids)
+    s = spec.stats
+    assert s["proposed"] == sum(s["proposed_per_depth"]) and 0 <= s["accepted"] <= s["proposed"]
+    assert s["forward_passes"] == 1 + s["rounds"]
+
+
+def test_speculation_trace_bookkeeping():
+    """Each round's trace: drafts, how many were accepted, the backbone's next token; shown per round."""
+    model = model_for(0)
+    prompt = [5, 9, 2, 7]
+    target = model.generate(prompt, 10).ids[0]
+    res = model.generate(prompt, 10, mtp=True, draft_depth=2)
+    np.testing.assert_array_equal(res.ids[0], target)
+    for r in res.stats["trace"]:
+        assert 0 <= r["accepted"] <= len(r["drafts"])
+    assert "round" in show_speculation(res)
+
+
+def test_state_after_rejected_draft_equals_never_seen():
+    """record -> forward [x, d1, d2] -> accept(1) leaves exactly the state of forward [x] alone."""
+    model = model_for(2)
+    prompt = np.array([[4, 8, 15, 16, 23]])
+    a, b = model.new_cache(1), model.new_cache(1)
+    model.forward(prompt, a)
+    model.forward(prompt, b)
+    a.record()
+    model.forward([[42, 7, 99]], a)
+    a.accept(1, 3)
+    model.forward([[42]], b)
+    assert a.length == b.length == 6
+    for la, lb in zip(a.layers, b.layers):
+        assert sorted(la) == sorted(lb)
+        for key in la:
+            if la[key] is None:
+                assert lb[key] is None
+            else:
+                np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+    # and decoding continues identically
+    np.testing.assert_array_equal(model.forward([[3]], a), model.forward([[3]], b))
+
+
+def test_accept_two_of_three_equals_two_steps():
+    model = model_for(3)
+    a, b = model.new_cache(1), model.new_cache(1)
+    model.forward([[1, 2, 3]], a)
+    model.forward([[1, 2, 3]], b)
+    a.record()
+    model.forward([[10, 11, 12]], a)
+    a.accept(2, 3)
+    model.forward([[10]], b)
+    model.forward([[11]], b)
+    for la, lb in zip(a.layers, b.layers):
+        for key in la:
+            if la[key] is not None:
+                np.testing.assert_array_equal(la[key], lb[key], err_msg=key)
+
+
+# ---------------------------------------------------------------- the MTP formula, recomputed independently
+def _rms(x, w, eps):
+    return w * (x / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + eps))
+
+
+def _attention_block(a, t, pre, cfg):
+    x = _rms(a, t[pre + "norm.weight"], cfg.layer_norm_epsilon)
+    nq, nkv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    q = (x @ t[pre + "mixer.q_proj.weight"].T).reshape(-1, nq, dh)
+    k = (x @ t[pre + "mixer.k_proj.weight"].T).reshape(-1, nkv, dh)
+    v = (x @ t[pre + "mixer.v_proj.weight"].T).reshape(-1, nkv, dh)
+    out = np.zeros_like(q)
+    for i in range(q.shape[0]):
+        for hq in range(nq):
+            kv = hq // (nq // nkv)
+            s = k[:i + 1, kv] @ q[i, hq] / np.sqrt(dh)
+            p = np.exp(s - s.max())
+            out[i, hq] = (p / p.sum()) @ v[:i + 1, kv]
+    return a + out.reshape(len(a), -1) @ t[pre + "mixer.o_proj.weight"].T
+
+
+def _moe_block(a, t, pre, cfg):
+    x = _rms(a, t[pre + "norm.weight"], cfg.layer_norm_epsilon)
+    m = pre + "mixer."
+    out = np.zeros_like(x)
+    for i, xi in enumerate(x):
+        s = 1 / (1 + np.exp(-(t[m + "gate.weight"] @ xi)))
+        chosen = np.argsort(-(s + t[m + "gate.e_score_correction_bias"]), kind="stable")[:cfg.num_experts_per_tok]
+        w = s[chosen] / s[chosen].sum() * cfg.routed_scaling_factor
+        u = t[m + "fc1_latent_proj.weight"] @ xi
+        acc = sum(wj * (t[f"{m}experts.{e}.down_proj.weight"] @ np.maximum(t[f"{m}experts.{e}.up_proj.weight"] @ u, 0) ** 2)
+                  for e, wj in zip(chosen, w))
+        shared = t[m + "shared_experts.down_proj.weight"] @ np.maximum(t[m + "shared_experts.up_proj.weight"] @ xi, 0) ** 2
+        out[i] = t[m + "fc2_latent_proj.weight"] @ acc + shared
+    return a + out
+
+
+def test_mtp_logits_match_spec_formula():
+    cfg = preset("tiny", n_group=1, topk_group=1)
+    t = {k: np.asarray(v, dtype=np.float64) for k, v in random_tensors(cfg, seed=4).items()}
+    model = Model(cfg, build_params(cfg, t))
+    rng = np.random.default_rng(0)
+    hidden = rng.standard_normal((1, 6, cfg.hidden_size))
+    next_ids = rng.integers(0, cfg.vocab_size, size=(1, 6))
+    got = model.mtp.predict(hidden, next_ids, depth=1)[0][0]
+    eps = cfg.layer_norm_epsilon
+    # a = eh_proj(concat[enorm(e), hnorm(h)]) ; attention block ; MoE block ; final_layernorm ; lm_head
+    e = t["backbone.embeddings.weight"][next_ids[0]]
+    a = np.concatenate([_rms(e, t["mtp.layers.0.enorm.weight"], eps),
+                        _rms(hidden[0], t["mtp.layers.0.hnorm.weight"], eps)], axis=-1) @ t["mtp.layers.0.eh_proj.weight"].T
+    a = _attention_block(a, t, "mtp.layers.0.", cfg)
+    a = _moe_block(a, t, "mtp.layers.1.", cfg)
+    ref = _rms(a, t["mtp.layers.1.final_layernorm.weight"], eps) @ t["lm_head.weight"].T
+    assert_close(got, ref, "moe", np.float64)
+
+
+def test_mtp_errors():
+    model = model_for(0, num_nextn_predict_layers=0)
+    with pytest.raises(InputError, match="no MTP"):
+        model.generate([1, 2], 3, mtp=True)
+    with pytest.raises(InputError, match="batch 1"):
+        model_for(0).generate([[1, 2], [3, 4]], 3, mtp=True)
