@@ -18,9 +18,13 @@
 // ---------------------------------------------------------------------------------------------------
 // Activations
 
-// silu(x) = x * sigmoid(x) = x / (1 + exp(-x))   (expf, not __expf: no fast-math anywhere)
+// silu(x) = x * sigmoid(x), with sigmoid through e = exp(-|x|) <= 1 so nothing overflows, exactly as
+// nemo_scratch.ops.norm.sigmoid: sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
+// (expf, not __expf: no fast-math anywhere.)
 __device__ __forceinline__ float silu_f32(float x) {
-    return x / (1.0f + expf(-x));
+    const float e = expf(-fabsf(x));
+    const float sig = (x >= 0.0f) ? 1.0f / (1.0f + e) : e / (1.0f + e);
+    return x * sig;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -101,4 +105,115 @@ __device__ __forceinline__ float e4m3_decode_f32(unsigned int bits) {
     }
     const float magnitude = (e == 0u) ? ldexpf((float)m, -9) : ldexpf((float)(8u + m), (int)e - 10);
     return s ? -magnitude : magnitude;
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Issue 8 (attention.cu, moe.cu, quant.cu): max reduction, packed-weight rows, the warp row dot product.
+
+// NVRTC has no <math.h>: define INFINITY from its bit pattern there (nvcc builds take math.h's).
+#ifndef INFINITY
+#define INFINITY __uint_as_float(0x7f800000u)
+#endif
+
+// Max of v over the 32 lanes of a warp; every lane gets it.
+__device__ __forceinline__ float warp_max_f32(float v) {
+    for (int offset = WARP_SIZE / 2; offset > 0; offset >>= 1) {
+        v = fmaxf(v, __shfl_xor_sync(FULL_WARP_MASK, v, offset));
+    }
+    return v;
+}
+
+// A weight stack W[e, n_out, n_in] read 16 inputs at a time (one NVFP4 block). Each format's load16 fills
+// vals[i] = code value of W[e, n, k0 + i] (0 past n_in) and returns the factor that turns them into weights:
+//   dense   W = vals * 1
+//   NVFP4   W = e2m1(code) * (e4m3(block_scale) * global_scale[e])     (spec 9.3; n_in % 16 == 0)
+//   FP8     W = e4m3(code) * scale[e]
+// Deviation: the matmuls apply the factor once per 16-wide dot product, so each product is rounded in a
+// different place than x @ dequantize(W).T; the difference is within ("kernel_quant_matmul", float32).
+struct DenseRows {
+    const float* w;            // [e, n_out, n_in] float32
+    long long n_out, n_in;
+    __device__ __forceinline__ float load16(long long e, long long n, long long k0, float (&vals)[16]) const {
+        const float* w_en = w + (e * n_out + n) * n_in;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) vals[i] = (k0 + i < n_in) ? w_en[k0 + i] : 0.0f;
+        return 1.0f;
+    }
+};
+
+struct Nvfp4Rows {
+    const unsigned char* packed;        // [e, n_out, n_in/2]  two E2M1 codes per byte, low nibble first
+    const unsigned char* block_scale;   // [e, n_out, n_in/16] E4M3FN bit patterns
+    const float* global_scale;          // [e]
+    long long n_out, n_in;
+    __device__ __forceinline__ float load16(long long e, long long n, long long k0, float (&vals)[16]) const {
+        const long long row = e * n_out + n;
+        // 8 bytes = 16 codes; the row starts at a multiple of 8 bytes because n_in % 16 == 0
+        const uint2 bytes = *reinterpret_cast<const uint2*>(packed + row * (n_in / 2) + k0 / 2);
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            // byte i holds codes 2i (low nibble) and 2i+1 (high); byte 4+i holds codes 8+2i and 8+2i+1
+            const unsigned char byte_a = (bytes.x >> (8 * i)) & 0xFFu, byte_b = (bytes.y >> (8 * i)) & 0xFFu;
+            vals[2 * i] = e2m1_decode_low(byte_a);
+            vals[2 * i + 1] = e2m1_decode_high(byte_a);
+            vals[8 + 2 * i] = e2m1_decode_low(byte_b);
+            vals[8 + 2 * i + 1] = e2m1_decode_high(byte_b);
+        }
+        return e4m3_decode_f32(block_scale[row * (n_in / 16) + k0 / 16]) * global_scale[e];
+    }
+};
+
+struct Fp8Rows {
+    const unsigned char* data;   // [e, n_out, n_in] E4M3FN bit patterns
+    const float* scale;          // [e]
+    long long n_out, n_in;
+    __device__ __forceinline__ float load16(long long e, long long n, long long k0, float (&vals)[16]) const {
+        const unsigned char* w_en = data + (e * n_out + n) * n_in;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) vals[i] = (k0 + i < n_in) ? e4m3_decode_f32(w_en[k0 + i]) : 0.0f;
+        return scale[e];
+    }
+};
+
+// vals[i] = row[k0 + i] (0 past n): four float4 loads where aligned, else element by element.
+__device__ __forceinline__ void load16_f32(const float* row, long long k0, long long n, float (&vals)[16]) {
+    const float* p = row + k0;
+    if (k0 + 16 <= n && (reinterpret_cast<unsigned long long>(p) & 15ull) == 0) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const float4 f = reinterpret_cast<const float4*>(p)[i];
+            vals[4 * i] = f.x; vals[4 * i + 1] = f.y; vals[4 * i + 2] = f.z; vals[4 * i + 3] = f.w;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 16; ++i) vals[i] = (k0 + i < n) ? p[i] : 0.0f;
+    }
+}
+
+// One warp: acc[m] = sum_k x_rows[m][k] * W[e, n, k] for the first n_rows of MB activation rows (W4A16 /
+// W8A16: the weight is decoded in registers and never written out). Lanes stride over 16-wide input blocks,
+// so a warp reads 32 consecutive blocks of the weight row per step; every lane ends with the full sums.
+template <int MB, class Weight>
+__device__ __forceinline__ void warp_rows_dot(const Weight& w, long long e, long long n,
+                                              const float* const (&x_rows)[MB], int n_rows, float (&acc)[MB]) {
+    const int lane = threadIdx.x & (WARP_SIZE - 1);
+#pragma unroll
+    for (int m = 0; m < MB; ++m) acc[m] = 0.0f;
+    for (long long k0 = 16LL * lane; k0 < w.n_in; k0 += 16LL * WARP_SIZE) {
+        float wv[16];
+        const float factor = w.load16(e, n, k0, wv);
+#pragma unroll
+        for (int m = 0; m < MB; ++m) {
+            if (m < n_rows) {
+                float xv[16];
+                load16_f32(x_rows[m], k0, w.n_in, xv);
+                float part = 0.0f;
+#pragma unroll
+                for (int i = 0; i < 16; ++i) part = fmaf(wv[i], xv[i], part);
+                acc[m] = fmaf(factor, part, acc[m]);
+            }
+        }
+    }
+#pragma unroll
+    for (int m = 0; m < MB; ++m) acc[m] = warp_sum_f32(acc[m]);
 }

@@ -11,7 +11,7 @@
 //                                 reads of neighbouring t hit L1/L2.
 //   causal_conv1d_state_v1_naive  one thread per new_state entry (b, c, k).
 //   causal_conv1d_step_v1_naive   one thread per (b, c): roll its state row left by one, write x last
-//                                 (in place), convolve.
+//                                 (into new_state, which may be the state itself), convolve.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 //
 // Layouts (row-major, contiguous): x [b,t,c], weight [c,w], bias [c] (or nullptr), state [b,c,w]
@@ -70,23 +70,27 @@ extern "C" __global__ void causal_conv1d_state_v1_naive(
     new_state[idx] = v;
 }
 
-// One decode step, state updated in place:
-//   state[b,c,:] = concat(state[b,c,1:], x[b,c]);  y[b,c] = act(bias[c] + sum_j weight[c,j] * state[b,c,j])
+// One decode step:
+//   new_state[b,c,:] = concat(state[b,c,1:], x[b,c]);  y[b,c] = act(bias[c] + sum_j weight[c,j] * new_state[b,c,j])
+// new_state may be state itself (an in-place update): the thread reads column j+1 before it writes column j,
+// so neither pointer is __restrict__.
 extern "C" __global__ void causal_conv1d_step_v1_naive(
-    const float* __restrict__ x, float* __restrict__ state, const float* __restrict__ weight,
-    const float* __restrict__ bias, float* __restrict__ y,
+    const float* __restrict__ x, const float* state, const float* __restrict__ weight,
+    const float* __restrict__ bias, float* new_state, float* __restrict__ y,
     int n_batch, int n_chan, int width, int apply_silu) {
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;  // = b * n_chan + c
     if (idx >= (long long)n_batch * n_chan) return;
     const int c = (int)(idx % n_chan);
-    float* state_bc = state + idx * width;                              // state[b, c, :]
+    const float* state_bc = state + idx * width;                        // state[b, c, :]
+    float* new_state_bc = new_state + idx * width;                      // new_state[b, c, :]
     const float* weight_c = weight + (long long)c * width;              // weight[c, :]
 
-    // roll left by one and write the new input last
-    for (int j = 0; j + 1 < width; ++j) state_bc[j] = state_bc[j + 1];
-    state_bc[width - 1] = x[idx];
-
     float acc = bias ? bias[c] : 0.0f;
-    for (int j = 0; j < width; ++j) acc += weight_c[j] * state_bc[j];
+    for (int j = 0; j < width; ++j) {
+        // roll left by one, the new input last
+        const float window_j = (j + 1 < width) ? state_bc[j + 1] : x[idx];
+        new_state_bc[j] = window_j;
+        acc += weight_c[j] * window_j;
+    }
     y[idx] = apply_silu ? silu_f32(acc) : acc;
 }

@@ -281,9 +281,12 @@ def _number(value, name, kind, source):
 def _limit(value, source):
     if value is None:
         return (0.0, math.inf)
+    def number(v):  # transformers 5.x writes inf as {"__float__": "Infinity"}; others write "inf" or Infinity
+        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
+
     try:
-        lo, hi = (float(v) for v in value)
-    except (TypeError, ValueError):
+        lo, hi = (number(v) for v in value)
+    except (TypeError, ValueError, KeyError):
         raise ConfigError(f"{source}: field 'time_step_limit' must be a pair [min, max], got {value!r}") from None
     return (lo, hi)
 

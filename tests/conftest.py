@@ -13,6 +13,8 @@ from hypothesis import HealthCheck, settings
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+import gpu_harness  # noqa: E402,F401  (decides simulator vs GPU before any test module imports numba)
+
 settings.register_profile("ci", derandomize=True, deadline=None, max_examples=30, print_blob=True,
                           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 settings.register_profile("dev", deadline=None, max_examples=300)

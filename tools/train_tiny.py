@@ -15,7 +15,7 @@ nemotron_h_mtp.py / Megatron MultiTokenPredictionLayer):
     logits_mtp = lm_head(h1)                                         # predicts token t+2
     loss = CE(main) + mtp_weight * CE(mtp)
 
-    python tools/train_tiny.py --steps 1500 --minutes 25 --out nemo_scratch/data/nemotron3-tiny
+    python tools/train_tiny.py --steps 600 --minutes 25 --out nemo_scratch/data/nemotron3-tiny
     python tools/train_tiny.py --verify nemo_scratch/data/nemotron3-tiny       # load back with transformers
 
 Deviation: transformers 5.23's Mamba mixer floors dt at time_step_min (time_step_limit = (time_step_min,
@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 from corpus import build_corpus, describe  # noqa: E402
 from nemo_scratch.checkpoint.schema import expected_tensors  # noqa: E402
 from nemo_scratch.config import NemotronConfig  # noqa: E402
+from nemo_scratch.errors import CheckpointError, ConfigError  # noqa: E402
 
 # The shipped model. Pattern M E M * E M E: 3 Mamba-2, 3 LatentMoE, 1 attention; MTP "*E".
 TINY_TRAINED = dict(
@@ -295,10 +296,11 @@ def check_against_schema(tensors, cfg):
     want = {s.name: s.shape for s in expected_tensors(cfg)}
     missing, extra = sorted(set(want) - set(tensors)), sorted(set(tensors) - set(want))
     if missing or extra:
-        raise RuntimeError(f"checkpoint names differ from expected_tensors: missing {missing[:5]} extra {extra[:5]}")
+        raise CheckpointError(f"tensor names differ from expected_tensors(cfg): missing {missing[:5]}, "
+                              f"unexpected {extra[:5]}")
     bad = [(n, tensors[n].shape, want[n]) for n in want if tuple(tensors[n].shape) != want[n]]
     if bad:
-        raise RuntimeError(f"checkpoint shapes differ from expected_tensors: {bad[:5]}")
+        raise CheckpointError(f"tensor shapes differ from expected_tensors(cfg) (name, got, expected): {bad[:5]}")
 
 
 # ---------------------------------------------------------------------------------------------- save, verify
@@ -317,7 +319,7 @@ def load_checkpoint(out_dir):
 
     cfg = NemotronConfig.from_json(Path(out_dir) / "config.json")
     if cfg.extra.get("nemo_scratch_tokenizer") != "bytes":
-        raise RuntimeError(f"{out_dir}/config.json must declare \"nemo_scratch_tokenizer\": \"bytes\"")
+        raise ConfigError(f"{out_dir}/config.json: expected \"nemo_scratch_tokenizer\": \"bytes\" (a byte-level model)")
     tensors = {k: v.float().numpy() for k, v in load_file(str(Path(out_dir) / "model.safetensors")).items()}
     check_against_schema(tensors, cfg)
     backbone, head = from_nvidia(tensors, cfg)
@@ -403,8 +405,11 @@ Seed {a['seed']}: parameters by transformers' `_init_weights` after `torch.manua
 Docstrings (`ast`) and comment runs (`tokenize`) of CPython {c['python']}'s standard library
 (`{c['stdlib']}`, `.py` files in sorted path order, test suites skipped), ASCII-normalised: {c['bytes']:,}
 bytes, sha256 `{c['sha256']}`. Built by `tools/corpus.py` (`build_corpus(max_bytes={a['corpus_bytes']})`).
-The last {a['val_fraction']:.0%} of the bytes are held out. Licence: PSF License Agreement version 2 (permits
-derivative works); the weights are redistributed under the project's licence with that attribution.
+The last {a['val_fraction']:.0%} of the bytes are held out (validation). The corpus itself is not shipped.
+
+Licence of the training text: Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved; PSF
+License Agreement for Python {c['python']} (version 2), which permits derivative works. Summary of changes: only
+docstrings and comments were extracted, normalised to ASCII, and used as training data for these weights.
 
 ## Training
 
@@ -443,7 +448,7 @@ Greedy samples (transformers `generate`, BF16 weights upcast to float32):
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "nemo_scratch/data/nemotron3-tiny")
-    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--steps", type=int, default=600)
     p.add_argument("--minutes", type=float, default=25.0, help="stop (and save) after this much training time")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)

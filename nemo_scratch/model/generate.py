@@ -149,13 +149,14 @@ def _speculative(model, prompt, max_new, greedy, rng, temperature, top_p, depth,
         stats["forward_passes"] += 1
         # 3. accept the agreed prefix, then the backbone's own next token
         accepted, new = 0, []
+        for j in range(k):  # depth j+1 counts as accepted only when every shallower draft was accepted too
+            stats["proposed_per_depth"][j] += 1
         for j, d in enumerate(drafts):
             if greedy:
                 ok = int(np.argmax(vlogits[j])) == d
             else:
                 p = token_probs(vlogits[j:j + 1], temperature, top_p)[0]
                 ok = rng.random() < min(1.0, p[d] / q_probs[j][d])
-            stats["proposed_per_depth"][j] += 1
             if not ok:
                 break
             stats["accepted_per_depth"][j] += 1

@@ -79,6 +79,7 @@ def route(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_
 
 def relu2(x):  # [...] -> [...]
     """Squared ReLU (mlp_hidden_act "relu2"): relu(x)**2."""
+    check_float("relu2", x)
     xp = get_xp(x)
     r = xp.maximum(x, 0)
     return r * r

@@ -9,6 +9,9 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
+from ..errors import DtypeError, InputError, ShapeError
+from .common import check_float, check_shape, get_xp
+
 
 @dataclass
 class NVFP4Weight:
@@ -70,3 +73,285 @@ def map_arrays(obj, fn):
         fields = {k: (None if v is None else fn(v)) for k, v in vars(obj).items()}
         return replace(obj, **fields)
     return fn(obj)
+
+
+# ================================================================================================ codecs
+# Everything below is pure array code written against ``xp`` (NumPy, or CuPy when handed CuPy arrays).
+# Spec section 9.3. Glossary: codes are uint8 bit patterns; "values" are the floats they stand for.
+
+E2M1_MAX = 6.0      # largest E2M1 magnitude (code 0b0111)
+E4M3_MAX = 448.0    # largest finite E4M3FN magnitude (code 0x7E); 0x7F / 0xFF are NaN
+NVFP4_BLOCK = 16    # elements per E4M3 block scale
+
+
+def minifloat_value(code, exp_bits, man_bits, bias, has_nan):
+    """The value of one sign|exponent|mantissa bit pattern (IEEE-like, no infinities).
+
+    normal     (e > 0): (-1)^s * 2^(e - bias) * (1 + m / 2^man_bits)
+    subnormal  (e = 0): (-1)^s * 2^(1 - bias) * (m / 2^man_bits)
+    has_nan: the all-ones exponent+mantissa pattern is NaN (E4M3FN's 0x7F / 0xFF).
+    """
+    sign = -1.0 if (code >> (exp_bits + man_bits)) & 1 else 1.0
+    e = (code >> man_bits) & ((1 << exp_bits) - 1)
+    m = code & ((1 << man_bits) - 1)
+    if has_nan and e == (1 << exp_bits) - 1 and m == (1 << man_bits) - 1:
+        return float("nan")
+    if e == 0:
+        return sign * 2.0 ** (1 - bias) * (m / 2 ** man_bits)
+    return sign * 2.0 ** (e - bias) * (1 + m / 2 ** man_bits)
+
+
+# E2M1 (FP4): 1 sign, 2 exponent (bias 1), 1 mantissa bit -> [0, .5, 1, 1.5, 2, 3, 4, 6, -0, ..., -6]
+E2M1_VALUES = np.array([minifloat_value(c, 2, 1, 1, False) for c in range(16)], dtype=np.float32)
+# E4M3FN (FP8): 1 sign, 4 exponent (bias 7), 3 mantissa bits; subnormals; 0x7F/0xFF NaN; max 448
+E4M3_VALUES = np.array([minifloat_value(c, 4, 3, 7, True) for c in range(256)], dtype=np.float32)
+
+
+def _check_codes(name, arg, codes, limit):
+    if np.dtype(codes.dtype) != np.uint8:
+        raise DtypeError(f"{name}: {arg} has dtype {codes.dtype}, expected uint8 codes")
+    if limit < 255 and codes.size and int(codes.max()) > limit:
+        raise InputError(f"{name}: {arg} holds code {int(codes.max())}, expected 4-bit codes 0..{limit}")
+
+
+def e2m1_decode(codes):  # uint8 [...] (0..15) -> float32 [...]
+    """FP4 E2M1 codes -> values, by table lookup (bit-exact)."""
+    _check_codes("e2m1_decode", "codes", codes, 15)
+    return get_xp(codes).asarray(E2M1_VALUES)[codes]
+
+
+def e4m3_decode(codes):  # uint8 [...] -> float32 [...]
+    """FP8 E4M3FN bit patterns -> values, by a 256-entry table built from the bit fields (bit-exact)."""
+    _check_codes("e4m3_decode", "codes", codes, 255)
+    return get_xp(codes).asarray(E4M3_VALUES)[codes]
+
+
+def _round_to_grid(a, man_bits, min_exp, max_value):  # |x| [...] -> nearest grid value [...]
+    """Round magnitudes onto a minifloat grid: round-to-nearest-even, saturating at max_value.
+
+    Inside the binade [2^k, 2^(k+1)) the grid step is 2^(k - man_bits); below 2^min_exp (subnormals) it stays
+    2^(min_exp - man_bits). Dividing by a power of two is exact, so one rint (ties to even) does the rounding.
+    """
+    xp = get_xp(a)
+    a = xp.minimum(a, a.dtype.type(max_value))
+    _, exp = xp.frexp(a)                                       # a = frac * 2^exp, frac in [0.5, 1)
+    # k = floor(log2 a), held at min_exp for subnormals (and for a = 0)
+    k = xp.maximum(exp - 1, min_exp)
+    step = xp.ldexp(xp.ones_like(a), k - man_bits)
+    return xp.rint(a / step) * step
+
+
+def _encode(x, man_bits, min_exp, max_value, table):  # float [...] -> uint8 codes [...]
+    """Shared body of the encoders: sign bit | index of the rounded magnitude among the table's positive values."""
+    xp = get_xp(x)
+    positive = table[: len(table) // 2]
+    grid = xp.asarray(positive[np.isfinite(positive)], dtype=x.dtype)               # ascending, finite
+    magnitude = _round_to_grid(xp.abs(xp.nan_to_num(x, nan=0.0)), man_bits, min_exp, max_value)
+    codes = xp.searchsorted(grid, magnitude).astype(np.uint8)                        # exact grid hit
+    # the sign is the top bit of the code (bit 3 of a nibble, bit 7 of a byte); IEEE signbit, so -0.0 -> -0
+    sign_shift = np.uint8((len(table) - 1).bit_length() - 1)
+    return codes | (xp.signbit(x).astype(np.uint8) << sign_shift)
+
+
+def e2m1_encode(x):  # float32|float64 [...] -> uint8 codes [...] (0..15)
+    """Round to the nearest E2M1 value (ties to even), saturating at +-6. NaN raises InputError."""
+    check_float("e2m1_encode", x)
+    if bool(get_xp(x).isnan(x).any()):
+        raise InputError("e2m1_encode: x contains NaN, which E2M1 cannot represent")
+    return _encode(x, man_bits=1, min_exp=0, max_value=E2M1_MAX, table=E2M1_VALUES)
+
+
+def e4m3_encode(x):  # float32|float64 [...] -> uint8 E4M3FN bit patterns [...]
+    """Round to the nearest E4M3FN value (ties to even), saturating at +-448 (so +-inf -> +-448).
+
+    Deviation: a plain cast (ml_dtypes, torch) turns |x| >= 464 into NaN; scales must never be NaN, so we
+    saturate, like ModelOpt's clamp before its cast. NaN stays NaN (0x7F, or 0xFF with the sign bit).
+    """
+    check_float("e4m3_encode", x)
+    xp = get_xp(x)
+    codes = _encode(x, man_bits=3, min_exp=-6, max_value=E4M3_MAX, table=E4M3_VALUES)
+    return xp.where(xp.isnan(x), codes | np.uint8(0x7F), codes).astype(np.uint8)
+
+
+def pack_nibbles(q):  # uint8 [..., 2m] (0..15) -> uint8 [..., m]
+    """Two 4-bit codes per byte: packed = q[odd] << 4 | q[even] (low nibble = even element)."""
+    _check_codes("pack_nibbles", "q", q, 15)
+    if q.ndim == 0 or q.shape[-1] % 2:
+        raise ShapeError(f"pack_nibbles: q has shape {list(q.shape)}, expected an even last dimension")
+    return (q[..., 1::2] << np.uint8(4)) | q[..., 0::2]
+
+
+def unpack_nibbles(packed):  # uint8 [..., m] -> uint8 [..., 2m]
+    """Inverse of pack_nibbles: q[..., 0::2] = b & 0xF, q[..., 1::2] = b >> 4."""
+    _check_codes("unpack_nibbles", "packed", packed, 255)
+    xp = get_xp(packed)
+    pairs = xp.stack([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)   # [..., m, 2]
+    return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+# ------------------------------------------------------------------------------------------------ NVFP4
+
+def _per_tensor(name, w):
+    """amax over the last two axes (one tensor, or one per stacked expert); rejects NaN/inf weights."""
+    xp = get_xp(w)
+    if w.ndim < 2:
+        raise ShapeError(f"{name}: w has shape {list(w.shape)}, expected [..., out, in]")
+    if not bool(xp.isfinite(w).all()):
+        raise InputError(f"{name}: w contains NaN or inf; only finite weights can be quantized")
+    return xp.asarray(xp.abs(w).max(axis=(-2, -1)), dtype=np.float32)              # [...]
+
+
+def _nonzero(scale):
+    """A divisor that is 1 where the scale is 0 (an all-zero tensor or block: its codes are 0 anyway)."""
+    return get_xp(scale).where(scale == 0, scale.dtype.type(1), scale)
+
+
+def nvfp4_quantize(w):  # float32|float64 [..., out, in] (in % 16 == 0) -> NVFP4Weight
+    """Quantize like ModelOpt's NVFP4QTensor (dynamic weight scales; spec 9.3).
+
+    global_scale = amax(|W|) / (6 * 448)                                   (per tensor, per expert if stacked)
+    block_scale  = e4m3(clamp(block_amax / (6 * global_scale), min=2^-9)), 1.0 for an all-zero block
+    codes        = rne_e2m1(W / (float(block_scale) * global_scale))
+    An all-zero tensor gets global_scale 0 (it dequantizes to 0), block scales 1.0 and codes 0.
+    Deviation: ModelOpt takes the sign from ``w < 0``; we use the IEEE sign bit, so an exact -0.0 weight gets
+    code 8 (-0) instead of 0. Both decode to zero.
+    """
+    check_float("nvfp4_quantize", w)
+    xp = get_xp(w)
+    amax = _per_tensor("nvfp4_quantize", w)                                          # [...]
+    *lead, out, inn = w.shape
+    if inn % NVFP4_BLOCK:
+        raise ShapeError(f"nvfp4_quantize: w has in={inn} columns, expected a multiple of {NVFP4_BLOCK}")
+    # weight_scale_2 = amax / (6 * 448), in float32 as ModelOpt computes it
+    global_scale = amax / np.float32(E2M1_MAX * E4M3_MAX)                            # [...]
+    g = _nonzero(global_scale)[..., None, None]                                     # [..., 1, 1]
+    blocks = w.reshape(*lead, out, inn // NVFP4_BLOCK, NVFP4_BLOCK)                 # [..., out, in/16, 16]
+    block_amax = xp.abs(blocks).max(axis=-1).astype(np.float32)                      # [..., out, in/16]
+    # per_block_scale = block_amax / (6 * weight_scale_2); zero blocks -> 1.0; clamp(min=2^-9); to E4M3
+    ratio = block_amax / (np.float32(E2M1_MAX) * g)
+    ratio = xp.where(ratio == 0, np.float32(1), xp.maximum(ratio, np.float32(2.0 ** -9)))
+    block_scale = e4m3_encode(ratio)                                                 # [..., out, in/16] u8
+    # codes = rne_e2m1(W / (s_b * s_g)), the scale product in float32 like ModelOpt
+    denom = xp.asarray(E4M3_VALUES)[block_scale] * g                                 # [..., out, in/16]
+    codes = e2m1_encode(blocks / denom[..., None].astype(w.dtype))                   # [..., out, in/16, 16]
+    packed = pack_nibbles(codes.reshape(*lead, out, inn))                            # [..., out, in/2]
+    return NVFP4Weight(packed, block_scale, global_scale)
+
+
+def _check_nvfp4(name, packed, block_scale, global_scale):
+    """Validate the ModelOpt NVFP4 triple; return (lead dims, out, in)."""
+    for arg, a in (("packed", packed), ("block_scale", block_scale)):
+        if np.dtype(a.dtype) != np.uint8:
+            raise DtypeError(f"{name}: {arg} has dtype {a.dtype}, expected uint8"
+                             + (" (E4M3 bit patterns)" if arg == "block_scale" else " (two E2M1 codes a byte)"))
+    if np.dtype(global_scale.dtype) != np.float32:
+        raise DtypeError(f"{name}: global_scale has dtype {global_scale.dtype}, expected float32")
+    if packed.ndim < 2:
+        raise ShapeError(f"{name}: packed has shape {list(packed.shape)}, expected [..., out, in/2]")
+    *lead, out, half = packed.shape
+    inn = 2 * half
+    if inn % NVFP4_BLOCK:
+        raise ShapeError(f"{name}: packed has in/2={half} bytes a row, so in={inn} is not a multiple of "
+                         f"{NVFP4_BLOCK}")
+    check_shape(name, "block_scale", block_scale, (*lead, out, inn // NVFP4_BLOCK))
+    if tuple(global_scale.shape) not in (tuple(lead), (*lead, 1)):
+        raise ShapeError(f"{name}: global_scale has shape {list(global_scale.shape)}, expected {lead} "
+                         "(one per tensor, or per stacked expert)")
+    return tuple(lead), out, inn
+
+
+def _decode_nvfp4(packed, block_scale, global_scale):  # [..., r, in/2], [..., r, in/16], [...] -> f32 [..., r, in]
+    """W[r, 16j + i] = (e2m1[code] * float(block_scale[r, j])) * global_scale, all in float32.
+
+    e2m1 * e4m3 has at most 6 significant bits, so that product is exact and the one rounding is the final
+    multiply. Deviation: ModelOpt multiplies code * (block_scale * global) and can differ by 1 ulp.
+    """
+    xp = get_xp(packed)
+    *lead, rows, half = packed.shape
+    values = xp.asarray(E2M1_VALUES)[unpack_nibbles(packed)]                         # [..., r, in]
+    values = values.reshape(*lead, rows, half * 2 // NVFP4_BLOCK, NVFP4_BLOCK)       # [..., r, in/16, 16]
+    scaled = values * xp.asarray(E4M3_VALUES)[block_scale][..., None]                # exact
+    g = global_scale.reshape(*lead, 1, 1, 1)
+    return (scaled * g).reshape(*lead, rows, half * 2)
+
+
+def nvfp4_dequantize(packed, block_scale, global_scale):  # [..., out, in/2] u8, [..., out, in/16] u8, [...] f32
+    """-> float32 [..., out, in], bit-exact (see _decode_nvfp4)."""
+    _check_nvfp4("nvfp4_dequantize", packed, block_scale, global_scale)
+    return _decode_nvfp4(packed, block_scale, global_scale)
+
+
+def _tiled_matmul(x, rows, decode_rows, rows_per_tile):  # [..., in] -> [..., out]
+    """y = x @ W^T where decode_rows(r0, r1) returns W[r0:r1] in float32: only one tile is ever decoded."""
+    xp = get_xp(x)
+    y = xp.empty((*x.shape[:-1], rows), dtype=x.dtype)
+    for r0 in range(0, rows, rows_per_tile):
+        r1 = min(r0 + rows_per_tile, rows)
+        # float32 -> float64 is exact, so an oracle-mode x sees the same weights
+        y[..., r0:r1] = xp.matmul(x, decode_rows(r0, r1).astype(x.dtype).T)
+    return y
+
+
+def _check_matmul(name, x, inn, weight_ndim, rows_per_tile):
+    dtype = check_float(name, x)
+    if weight_ndim != 2:
+        raise ShapeError(f"{name}: the weight has {weight_ndim} dims, expected [out, in] (index stacked "
+                         "experts with w[e] first)")
+    if x.ndim == 0 or x.shape[-1] != inn:
+        raise ShapeError(f"{name}: x has shape {list(x.shape)}, expected [..., {inn}] (the weight's in)")
+    if not isinstance(rows_per_tile, int) or rows_per_tile <= 0:
+        raise InputError(f"{name}: rows_per_tile must be a positive integer, got {rows_per_tile!r}")
+    return dtype
+
+
+def nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], [out, in/2] -> [..., out]
+    """W4A16: y = x @ dequantize(W)^T, decoding rows_per_tile output rows at a time (never the whole W).
+
+    The output has x's dtype (float32, or float64 in oracle mode; the decode itself is exact in float32).
+    """
+    _, out, inn = _check_nvfp4("nvfp4_matmul", packed, block_scale, global_scale)
+    _check_matmul("nvfp4_matmul", x, inn, packed.ndim, rows_per_tile)
+    return _tiled_matmul(x, out, lambda r0, r1: _decode_nvfp4(packed[r0:r1], block_scale[r0:r1], global_scale),
+                         rows_per_tile)
+
+
+# ------------------------------------------------------------------------------------------------ FP8
+
+def fp8_quantize(w):  # float32|float64 [..., out, in] -> FP8Weight
+    """Per-tensor FP8 (ModelOpt): scale = amax / 448, data = e4m3(W / scale). All-zero tensor: scale 0."""
+    check_float("fp8_quantize", w)
+    # weight_scale = amax / 448 (float32)
+    scale = _per_tensor("fp8_quantize", w) / np.float32(E4M3_MAX)                   # [...]
+    data = e4m3_encode(w / _nonzero(scale)[..., None, None].astype(w.dtype))        # [..., out, in] u8
+    return FP8Weight(data, scale)
+
+
+def _check_fp8(name, data, scale):
+    if np.dtype(data.dtype) != np.uint8:
+        raise DtypeError(f"{name}: data has dtype {data.dtype}, expected uint8 (E4M3 bit patterns)")
+    if np.dtype(scale.dtype) != np.float32:
+        raise DtypeError(f"{name}: scale has dtype {scale.dtype}, expected float32")
+    if data.ndim < 2:
+        raise ShapeError(f"{name}: data has shape {list(data.shape)}, expected [..., out, in]")
+    lead = tuple(data.shape[:-2])
+    if tuple(scale.shape) not in (lead, (*lead, 1)):
+        raise ShapeError(f"{name}: scale has shape {list(scale.shape)}, expected {list(lead)} "
+                         "(one per tensor, or per stacked expert)")
+    return data.shape[-2], data.shape[-1]
+
+
+def _decode_fp8(data, scale):  # [..., r, in] u8, [...] f32 -> f32 [..., r, in]
+    # W = e4m3(data) * weight_scale
+    return get_xp(data).asarray(E4M3_VALUES)[data] * scale.reshape(*data.shape[:-2], 1, 1)
+
+
+def fp8_dequantize(data, scale):  # [..., out, in] u8, [...] f32 -> float32 [..., out, in]
+    _check_fp8("fp8_dequantize", data, scale)
+    return _decode_fp8(data, scale)
+
+
+def fp8_matmul(x, data, scale, rows_per_tile=128):  # [..., in], [out, in] u8, [] f32 -> [..., out]
+    """W8A16: y = x @ dequantize(W)^T, decoded tile by tile; output in x's dtype."""
+    out, inn = _check_fp8("fp8_matmul", data, scale)
+    _check_matmul("fp8_matmul", x, inn, data.ndim, rows_per_tile)
+    return _tiled_matmul(x, out, lambda r0, r1: _decode_fp8(data[r0:r1], scale), rows_per_tile)

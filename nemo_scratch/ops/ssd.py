@@ -133,7 +133,8 @@ def _to_chunks(a, nc, q):  # [b, t, ...] -> [b, nc, q, ...], zero-padded on the 
 
 
 def ssd_scan_chunked(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b,t,h,p] ... -> [b,t,h,p]
-    """The SSD block decomposition (spec 3.1 steps 1-8; ssd_minimal_discrete with D added separately).
+    """The SSD block decomposition (spec 3.1 steps 1-8, numbered alike below;
+    state-spaces/mamba ssd_minimal_discrete with D added separately).
 
     -> (y [b,t,h,p], final_state [b,h,p,n]). Any ``chunk`` >= 1 works: t is right-padded with zeros to a
     multiple of it (a padded step has dt = 0: it adds nothing and decays nothing), and a chunk longer than
@@ -145,19 +146,19 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b
     b, t = x.shape[:2]
     q = min(int(chunk), max(t, 1))     # chunk length; nc chunks
     nc = -(-t // q)
-    # 1. Xd = x * dt, Ad = A * dt; cut into chunks [b, nc, q, ...]; Ad as [b, h, nc, q]; Acum = cumsum(Ad)
+    # 1. Xd = x * dt, Ad = A * dt;  2. cut into chunks [b, nc, q, ...], Ad as [b, h, nc, q], Acum = cumsum(Ad)
     Xd = _to_chunks(x * dt[..., None], nc, q)                                                # [b,nc,q,h,p]
     Ad = xp.moveaxis(_to_chunks(dt * A, nc, q), 3, 1)                                         # [b,h,nc,q]
     Bc, Cc = _to_chunks(_per_head(B, h), nc, q), _to_chunks(_per_head(C, h), nc, q)           # [b,nc,q,h,n]
     Acum = xp.cumsum(Ad, axis=-1)
-    # 2. L = exp(segsum(Ad)): decay from step s to step l inside a chunk
+    # 3. L = exp(segsum(Ad)): decay from step s to step l inside a chunk
     L = xp.exp(segsum(Ad))                                                                    # [b,h,nc,q,q]
-    # 3. diagonal blocks: Y_diag[l] = sum_s (C_l . B_s) L[l, s] Xd_s
+    # 4. diagonal blocks: Y_diag[l] = sum_s (C_l . B_s) L[l, s] Xd_s
     Y_diag = xp.einsum("bclhn,bcshn,bhcls,bcshp->bclhp", Cc, Bc, L, Xd, optimize=True)
-    # 4. each chunk's own end state: states = sum_l B_l exp(Acum[-1] - Acum[l]) Xd_l
+    # 5. each chunk's own end state: states = sum_l B_l exp(Acum[-1] - Acum[l]) Xd_l
     decay_states = xp.exp(Acum[..., -1:] - Acum)                                              # [b,h,nc,q]
     states = xp.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, Xd, optimize=True)        # [b,nc,h,p,n]
-    # 5. inter-chunk recurrence: prepend the initial state, carry it across chunk boundaries
+    # 6. inter-chunk recurrence: prepend the initial state, carry it across chunk boundaries
     #    new_states[z] = sum_c exp(segsum(pad(Acum[..., -1], (1, 0))))[z, c] states[c]   (FIX 1 orientation)
     init = xp.zeros((b, h, p, n), dtype=dtype) if initial_state is None else initial_state
     states = xp.concatenate([init[:, None], states], axis=1)                                 # [b,nc+1,h,p,n]
@@ -165,8 +166,8 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b
     decay_chunk = xp.exp(segsum(chunk_decay))                                                 # [b,h,nc+1,nc+1]
     new_states = xp.einsum("bhzc,bchpn->bzhpn", decay_chunk, states, optimize=True)
     states, final_state = new_states[:, :-1], new_states[:, -1]                              # state entering c
-    # 6. off-diagonal blocks: Y_off[l] = C_l . states[c] exp(Acum[l])
+    # 7. off-diagonal blocks: Y_off[l] = C_l . states[c] exp(Acum[l])
     Y_off = xp.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, xp.exp(Acum), optimize=True)
-    # 7. y = Y_diag + Y_off, uncut and cropped to t; 8. + D x on the un-discretised x
+    # 8. y = Y_diag + Y_off, uncut and cropped to t, + D x on the un-discretised x
     y = (Y_diag + Y_off).reshape(b, nc * q, h, p)[:, :t]
     return _skip(y, x, D), xp.ascontiguousarray(final_state)

@@ -4,7 +4,7 @@ Reference:  nemo_scratch.ops.norm.rms_norm, nemo_scratch.ops.norm.gated_rms_norm
 Test:       tests/test_backend_numba_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
 Tolerance:  tests/tolerances.py ("kernel_rms_norm", "kernel_gated_rms_norm", float32)
 Versions:
-  rms_norm_v1_block  one block per (row, group); the threads stride over the group's width, a shared-memory
+  rms_norm_v1_naive  one block per (row, group); the threads stride over the group's width, a shared-memory
                      tree reduction (runtime.block_sum) gives sum(v^2), then the same threads write
                      weight * v * rsqrt(mean + eps). Gated: v = y * silu(z), recomputed in the second pass
                      instead of stored (two reads of y and z from L1/L2 beat a round trip through memory).
@@ -32,7 +32,7 @@ def _normed_input(x_rows, gate_rows, r, k, gated):
 
 
 @cuda.jit(**JIT)
-def rms_norm_v1_block(x_rows, gate_rows, weight, out_rows, n_groups, eps, gated):
+def rms_norm_v1_naive(x_rows, gate_rows, weight, out_rows, n_groups, eps, gated):
     # x_rows [r,i], gate_rows [r,i] (read only when gated), weight [i] -> out_rows [r,i]; one block per (r, group)
     smem = cuda.shared.array(MAX_REDUCE_THREADS, float32)
     r = cuda.blockIdx.x // n_groups
@@ -58,7 +58,7 @@ def _launch(x, gate, weight, n_groups, eps):  # [..., i], [..., i]|None, [i] -> 
                                            weight)
     out = xp.empty((rows, i), dtype=np.float32)
     gated = gate_rows is not None
-    launch_rows(rms_norm_v1_block, rows * n_groups, i // n_groups, x_rows, gate_rows if gated else x_rows, weight,
+    launch_rows(rms_norm_v1_naive, rows * n_groups, i // n_groups, x_rows, gate_rows if gated else x_rows, weight,
                 out, n_groups, np.float32(eps), gated)
     return out.reshape(x.shape)
 

@@ -86,17 +86,27 @@ def cdiv(a, b):
     return -(-a // b)
 
 
+def kernel_args(args):
+    """Kernel arguments, with read-only host (NumPy) arrays marked ``cuda.In``.
+
+    numba copies a host array to the device before a launch and, unless it is marked ``cuda.In``, back
+    after it; the simulator does the same with its copies. Copying back into a read-only array (weights
+    from a memory-mapped checkpoint) would fail. Device (CuPy) arrays are passed through untouched.
+    """
+    return [cuda.In(a) if isinstance(a, np.ndarray) and not a.flags.writeable else a for a in args]
+
+
 def launch_1d(kernel, n, *args):
     """Launch ``kernel`` with one thread per item of ``n`` (the kernel checks ``i < n``); nothing if n == 0."""
     if n > 0:
         threads = threads_per_block()
-        kernel[cdiv(n, threads), threads](*args)
+        kernel[cdiv(n, threads), threads](*kernel_args(args))
 
 
 def launch_rows(kernel, rows, width, *args):
     """Launch ``kernel`` with one block per row; the block's threads stride over the row's ``width``."""
     if rows > 0:
-        kernel[rows, reduce_threads(width)](*args)
+        kernel[rows, reduce_threads(width)](*kernel_args(args))
 
 
 def contiguous(xp, *arrays):

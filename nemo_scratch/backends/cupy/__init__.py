@@ -1,0 +1,62 @@
+"""The ``cupy`` backend: CUDA C kernels (kernels_cuda/*.cu) compiled by CuPy (NVRTC), the reference for the rest.
+
+Arrays are CuPy arrays. Each op listed in ``KERNELS`` is a thin launcher in this package (``<module>.py``,
+entry point ``<op>_cupy``) that checks the arguments, computes the grid and launches the kernel for float32
+inputs; float64 inputs (oracle mode), and every op not listed, run the NumpyBackend's reference functions,
+which are written against ``xp = get_xp(x)`` and so run on CuPy arrays too. The decode steps take an extra
+``out_state=None`` (as in the numba backend): pass the state itself to update it in place.
+
+Importing this package imports no cupy and touches no GPU: cupy is imported when the backend is constructed
+(``get_backend("cupy")``), which raises BackendError when cupy is missing or there is no GPU. The .cu files
+are compiled at their first launch (loader.py).
+
+To add kernels for an op: write ``kernels_cuda/<module>.cu`` and its launcher ``<module>.py`` here (with the
+kernel file header of shared/CONVENTIONS.md and a ``KERNELS`` table of kernel names, which
+tests/test_cuda_compile.py checks against the .cu source), then add one row to ``KERNELS`` below.
+"""
+
+import importlib
+
+from ...errors import BackendError
+from ..numpy_backend import NumpyBackend
+
+# backend method -> (launcher module in this package, entry point)
+KERNELS = {
+    # -- issue 6: the Mamba path
+    "rms_norm": ("norm", "rms_norm_cupy"),
+    "gated_rms_norm": ("norm", "gated_rms_norm_cupy"),
+    "causal_conv1d": ("conv", "causal_conv1d_cupy"),
+    "causal_conv1d_step": ("conv", "causal_conv1d_step_cupy"),
+    "ssd_scan": ("ssd", "ssd_scan_chunked_cupy"),
+    "ssd_step": ("ssd", "ssd_step_cupy"),
+    # -- attention, MoE routing and experts, NVFP4/FP8 matmuls: their rows go here
+}
+
+
+class CupyBackend(NumpyBackend):
+    """NumpyBackend with the ops of ``KERNELS`` bound to CUDA C kernels."""
+
+    name = "cupy"
+
+    def __init__(self):
+        try:
+            import cupy
+        except ImportError:
+            raise BackendError("cupy backend needs cupy (install the gpu-cuda12 or gpu-cuda13 extra: "
+                               "pip install -e .[gpu-cuda12])") from None
+        try:
+            n_devices = cupy.cuda.runtime.getDeviceCount()
+        except Exception as exc:  # no driver, or a broken one: read it as "no GPU"
+            raise BackendError(f"cupy backend: no CUDA GPU is available ({type(exc).__name__}: {exc})") from None
+        if n_devices < 1:
+            raise BackendError("cupy backend: no CUDA GPU is available (the driver reports 0 devices)")
+        self.xp = cupy
+        for op, (module, entry) in KERNELS.items():
+            setattr(self, op, getattr(importlib.import_module(f"{__name__}.{module}"), entry))
+
+    # -- arrays
+    def _asarray(self, a):
+        return self.xp.asarray(a)
+
+    def to_numpy(self, a):
+        return self.xp.asnumpy(a)

@@ -1,0 +1,118 @@
+"""Launchers of kernels_cuda/attention.cu: GQA attention, tiled online softmax (prefill) and split-K (decode).
+
+Reference:  nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention.gqa_decode
+Test:       tests/test_backend_cupy_core.py::test_gqa_attention_*, ::test_gqa_decode_*
+Tolerance:  tests/tolerances.py ("kernel_attention", float32)
+The kernels compute in float32; float64 (oracle mode) runs on the reference. Arguments are checked before
+cupy is imported, so a wrong call fails the same way with or without a GPU.
+"""
+
+import numpy as np
+
+from ...errors import ShapeError
+from ...ops import attention as attention_ref
+from ...ops.common import check_float, check_shape
+from .loader import MAX_SHARED_BYTES, cdiv, device_f32, f32, get_kernel, i32, i64
+
+CU_FILE = "attention.cu"
+KERNELS = {
+    "prefill": "gqa_attention_v1_tiled",
+    "decode_split": "gqa_decode_v1_splitk",
+    "decode_merge": "gqa_decode_v1_merge",
+}
+# The constants of attention.cu that the launch depends on.
+ATT_WARPS = 8
+ATT_ROWS = 32          # (query, head) rows a block: ATT_WARPS * ATT_ROWS_PER_WARP
+ATT_TILE = 32          # keys a shared-memory tile
+ATT_MAX_DH = 256       # head dims a lane holds in registers: 8 per lane
+MERGE_ROWS = 4         # output rows a merge block (one warp each)
+
+
+def _check(name, q, k, v):
+    """The reference's argument rules; returns (dtype, b, t, s, nq, nkv, dh)."""
+    dtype = check_float(name, q, k, v)
+    check_shape(name, "q", q, (None, None, None, None))
+    b, t, nq, dh = q.shape
+    check_shape(name, "k", k, (b, None, None, dh))
+    s, nkv = k.shape[1:3]
+    check_shape(name, "v", v, (b, s, nkv, dh))
+    if s < 1 or t > s:
+        raise ShapeError(f"{name}: q has t={t} positions but k has only s={s}; the queries are the last t "
+                         f"of the s key positions, so 1 <= s and t <= s")
+    if nkv < 1 or nq % nkv:
+        raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
+    if dtype == np.float32 and dh > ATT_MAX_DH:
+        raise ShapeError(f"{name}: head dim dh={dh}; the cupy attention kernels hold at most {ATT_MAX_DH} "
+                         "dims a row in registers")
+    return dtype, b, t, s, nq, nkv, dh
+
+
+def _smem_bytes(dh):
+    """att_smem_floats(dh) of attention.cu: q rows, a K tile (padded by one column), a V tile."""
+    return 4 * (ATT_ROWS * dh + ATT_TILE * (dh + 1) + ATT_TILE * dh)
+
+
+def shared_kernel(filename, name, smem):
+    """get_kernel, allowed more than the default 48 KiB of dynamic shared memory when ``smem`` needs it."""
+    kernel = get_kernel(filename, name)
+    if smem > MAX_SHARED_BYTES:
+        kernel.max_dynamic_shared_size_bytes = smem
+    return kernel
+
+
+def decode_splits(s, blocks_per_split, n_sm):  # -> (n_split, keys_per_split)
+    """Cut s keys into splits of whole tiles so that about two blocks run per SM (at least one tile each).
+
+    blocks_per_split: the blocks one split already launches (batch x kv heads x row tiles).
+    """
+    want = max(1, min(cdiv(s, ATT_TILE), cdiv(2 * n_sm, blocks_per_split)))
+    keys_per_split = cdiv(cdiv(s, want), ATT_TILE) * ATT_TILE
+    return cdiv(s, keys_per_split), keys_per_split
+
+
+def gqa_attention_cupy(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
+    """softmax(q k^T * dh**-0.5 + causal mask) v; the t queries are the last t of the s keys."""
+    dtype, b, t, s, nq, nkv, dh = _check("gqa_attention", q, k, v)
+    if dtype != np.float32:
+        return attention_ref.gqa_attention(q, k, v, causal)
+    import cupy as xp
+
+    q, k, v = device_f32(xp, q, k, v)
+    out = xp.empty((b, t, nq, dh), dtype=np.float32)
+    if out.size == 0:
+        return out
+    smem = _smem_bytes(dh)
+    kernel = shared_kernel(CU_FILE, KERNELS["prefill"], smem)
+    grid = (cdiv(t * (nq // nkv), ATT_ROWS), nkv, b)
+    kernel(grid, (ATT_WARPS * 32,), (q, k, v, out, i32(t), i32(s), i32(nq), i32(nkv), i32(dh),
+                                     i32(bool(causal)), f32(dh ** -0.5)), shared_mem=smem)
+    return out
+
+
+def gqa_decode_cupy(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
+    """Causal attention of t new tokens against a cache that holds them: split-K over the s keys + merge."""
+    dtype, b, t, s, nq, nkv, dh = _check("gqa_decode", q, k, v)
+    if dtype != np.float32:
+        return attention_ref.gqa_decode(q, k, v)
+    import cupy as xp
+
+    q, k, v = device_f32(xp, q, k, v)
+    out = xp.empty((b, t, nq, dh), dtype=np.float32)
+    if out.size == 0:
+        return out
+    row_tiles = cdiv(t * (nq // nkv), ATT_ROWS)
+    n_sm = xp.cuda.Device().attributes["MultiProcessorCount"]
+    n_split, keys_per_split = decode_splits(s, b * nkv * row_tiles, n_sm)
+    n_rows = b * t * nq
+    m_part = xp.empty((n_rows, n_split), dtype=np.float32)
+    l_part = xp.empty((n_rows, n_split), dtype=np.float32)
+    acc_part = xp.empty((n_rows, n_split, dh), dtype=np.float32)
+    smem = _smem_bytes(dh)
+    split = shared_kernel(CU_FILE, KERNELS["decode_split"], smem)
+    split((n_split, row_tiles, b * nkv), (ATT_WARPS * 32,),
+          (q, k, v, m_part, l_part, acc_part, i32(t), i32(s), i32(nq), i32(nkv), i32(dh), i32(1),
+           f32(dh ** -0.5), i32(keys_per_split)), shared_mem=smem)
+    merge = get_kernel(CU_FILE, KERNELS["decode_merge"])
+    merge((cdiv(n_rows, MERGE_ROWS),), (MERGE_ROWS * 32,),
+          (m_part, l_part, acc_part, out, i64(n_rows), i32(n_split), i32(dh)))
+    return out

@@ -1,0 +1,104 @@
+"""Compile kernels_cuda/*.cu with CuPy (cupy.RawModule, NVRTC) and hand out kernels by name.
+
+The .cu sources live in the repository's top-level ``kernels_cuda/`` folder, found relative to the installed
+package (``nemo_scratch/../kernels_cuda``: a checkout or an editable install), never relative to the
+current directory. Each file is compiled once per process (``get_module`` is cached; CuPy also caches the
+binary on disk under ~/.cupy/kernel_cache). Compile options: C++17 and the include path of common.cuh;
+no fast-math (NVRTC's default is IEEE-exact expf, division and sqrt, without flush to zero).
+
+Importing this module imports neither cupy nor anything that touches a GPU.
+"""
+
+import functools
+from pathlib import Path
+
+import numpy as np
+
+import nemo_scratch
+
+from ...errors import BackendError, DtypeError, ShapeError
+from ...ops.common import check_float, check_shape
+
+KERNELS_DIR = Path(nemo_scratch.__file__).resolve().parent.parent / "kernels_cuda"
+COMPILE_OPTIONS = ("-std=c++17", f"-I{KERNELS_DIR}")
+
+THREADS = 256          # threads a block of every kernel (a multiple of the warp: the reductions need it)
+MAX_SHARED_BYTES = 48 * 1024   # dynamic shared memory a block may use without an opt-in attribute
+
+
+def kernel_source(filename):
+    """The text of ``kernels_cuda/<filename>``; BackendError if the sources are not next to the package."""
+    path = KERNELS_DIR / filename
+    if not path.is_file():
+        raise BackendError(f"cupy backend: kernel source {path} not found; the CUDA C sources ship with a "
+                           "checkout of the repository (install it with `pip install -e .`)")
+    return path.read_text()
+
+
+@functools.lru_cache(maxsize=None)
+def get_module(filename):
+    """``cupy.RawModule`` of one .cu file (compiled by NVRTC at the first kernel launch)."""
+    import cupy
+
+    return cupy.RawModule(code=kernel_source(filename), options=COMPILE_OPTIONS)
+
+
+def get_kernel(filename, name):
+    """The ``extern "C"`` kernel ``name`` of ``kernels_cuda/<filename>``."""
+    return get_module(filename).get_function(name)
+
+
+def cdiv(a, b):
+    """ceil(a / b) for non-negative integers."""
+    return -(-a // b)
+
+
+def launch_1d(kernel, n, args):
+    """One thread per item of ``n`` (the kernel checks its index against n); nothing when n == 0."""
+    if n > 0:
+        kernel((cdiv(n, THREADS),), (THREADS,), args)
+
+
+def i32(v):
+    """A kernel ``int`` argument. CuPy passes a Python int as a 64-bit long long, so wrap every int."""
+    return np.int32(v)
+
+
+def i64(v):
+    """A kernel ``long long`` argument."""
+    return np.int64(v)
+
+
+def f32(v):
+    """A kernel ``float`` argument (a Python float would be passed as a double)."""
+    return np.float32(v)
+
+
+def is_float32(name, *arrays):
+    """True for float32 calls (the kernels), False for float64 ones (oracle mode: the reference runs).
+
+    Raises DtypeError for a mix or a non-float dtype (None arguments are skipped).
+    """
+    return check_float(name, *arrays) == np.float32
+
+
+def state_buffer(xp, out_state, shape, name):
+    """The buffer a decode-step kernel writes its new state into: ``out_state`` (checked) or a new array.
+
+    The step kernels read each state element before they write it, in the same thread, so ``out_state``
+    may be the input state itself: the in-place update a decode loop wants.
+    """
+    if out_state is None:
+        return xp.empty(shape, dtype=np.float32)
+    check_shape(name, "out_state", out_state, shape)
+    if out_state.dtype != np.float32:
+        raise DtypeError(f"{name}: out_state has dtype {out_state.dtype}, expected float32 (the state buffer)")
+    if not isinstance(out_state, xp.ndarray) or not out_state.flags.c_contiguous:
+        raise ShapeError(f"{name}: out_state must be a C-contiguous {xp.__name__} array (the kernel writes "
+                         "it in place)")
+    return out_state
+
+
+def device_f32(xp, *arrays):
+    """C-contiguous float32 device arrays (no copy when already so); None stays None (a null pointer)."""
+    return [None if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=np.float32)) for a in arrays]

@@ -1,0 +1,168 @@
+"""Launchers of kernels_cuda/moe.cu: the router and the routed experts (dispatch, grouped matmuls, combine).
+
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
+Test:       tests/test_backend_cupy_core.py::test_route_*, ::test_moe_experts_*
+Tolerance:  tests/tolerances.py ("kernel_router", float32) (selection exact), ("kernel_moe", float32)
+The kernels compute in float32; float64 (oracle mode) and a packed router gate run on the reference.
+Expert stacks may be dense float32 [e, f, l] / [e, l, f] arrays or NVFP4Weight / FP8Weight stacks; each is
+decoded inside the grouped matmul. Arguments are checked before cupy is imported.
+"""
+
+import numpy as np
+
+from ...errors import DtypeError, InputError, ShapeError
+from ...ops import moe as moe_ref
+from ...ops import quant as quant_ref
+from ...ops.common import check_float, check_shape
+from ...ops.quant import FP8Weight, NVFP4Weight
+from .attention import shared_kernel
+from .loader import cdiv, device_f32, f32, get_kernel, i32, i64, launch_1d
+
+CU_FILE = "moe.cu"
+KERNELS = {
+    "route": "route_v1_block",
+    "count": "moe_count_v1",
+    "offsets": "moe_offsets_v1",
+    "permute": "moe_permute_v1",
+    "dense": "moe_matmul_dense_v1",
+    "nvfp4": "moe_matmul_nvfp4_v1",
+    "fp8": "moe_matmul_fp8_v1",
+    "combine": "moe_combine_v1",
+}
+# The constants of moe.cu that the launch depends on.
+ROUTER_TOKENS = 4
+ROUTER_THREADS = 512
+MOE_ROWS = 16
+MOE_WARPS = 8
+
+
+def _packed(w):
+    return isinstance(w, (NVFP4Weight, FP8Weight))
+
+
+def route_cupy(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+               routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
+    """Sigmoid router with biased, group-limited top-k selection; the same contract as the reference."""
+    name = "route"
+    args = (x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    if _packed(gate_weight) or check_float(name, x, gate_weight, correction_bias) != np.float32:
+        return moe_ref.route(*args)
+    check_shape(name, "x", x, (None, None))
+    t, d = x.shape
+    check_shape(name, "gate_weight", gate_weight, (None, d))
+    e = gate_weight.shape[0]
+    if correction_bias is not None:
+        check_shape(name, "correction_bias", correction_bias, (e,))
+    if not 1 <= n_group <= e or e % n_group:
+        raise InputError(f"{name}: n_group={n_group} must divide the e={e} experts")
+    if not 1 <= topk_group <= n_group:
+        raise InputError(f"{name}: topk_group={topk_group}, expected 1 <= topk_group <= n_group={n_group}")
+    if not 1 <= top_k <= topk_group * (e // n_group):
+        raise InputError(f"{name}: top_k={top_k}, expected 1 <= top_k <= {topk_group * (e // n_group)} (the "
+                         f"experts in the topk_group={topk_group} kept groups of {e // n_group})")
+    import cupy as xp
+
+    x, gate_weight, bias = device_f32(xp, x, gate_weight, correction_bias)
+    if bias is None:
+        bias = xp.zeros(e, dtype=np.float32)  # s + 0 == s exactly
+    idx = xp.empty((t, top_k), dtype=np.int64)
+    w = xp.empty((t, top_k), dtype=np.float32)
+    if t == 0:
+        return idx, w
+    # smem: sigmoid and choice scores, group scores (float32); taken and kept flags (bytes)
+    smem = ROUTER_TOKENS * (4 * (2 * e + n_group) + e + n_group)
+    kernel = shared_kernel(CU_FILE, KERNELS["route"], smem)
+    kernel((cdiv(t, ROUTER_TOKENS),), (ROUTER_THREADS,),
+           (x, gate_weight, bias, idx, w, i32(t), i32(d), i32(e), i32(top_k), i32(n_group), i32(topk_group),
+            i32(bool(norm_topk_prob)), f32(routed_scaling_factor)), shared_mem=smem)
+    return idx, w
+
+
+def _check_experts(name, x, idx, weights, up, down):
+    """The reference's shape/dtype rules; returns (dtype, t, l, k, e, f)."""
+    dtype = check_float(name, x, weights, *[w for w in (up, down) if not _packed(w)])
+    check_shape(name, "x", x, (None, None))
+    t, l = x.shape
+    check_shape(name, "idx", idx, (t, None))
+    check_shape(name, "weights", weights, tuple(idx.shape))
+    check_shape(name, "up", up, (None, None, l))
+    e, f = up.shape[:2]
+    check_shape(name, "down", down, (e, l, f))
+    if not np.issubdtype(idx.dtype, np.integer):
+        raise DtypeError(f"{name}: idx has dtype {idx.dtype}, expected integer expert indices")
+    for w in (up, down):  # packed stacks: the codec's own rules (uint8 codes, scale shapes, in % 16 == 0)
+        if isinstance(w, NVFP4Weight):
+            quant_ref._check_nvfp4(name, w.packed, w.block_scale, w.global_scale)
+        elif isinstance(w, FP8Weight):
+            quant_ref._check_fp8(name, w.data, w.scale)
+    return dtype, t, l, idx.shape[1], e, f
+
+
+def _expert_matmul(xp, w, a, a_row, gather, offsets, tile_offsets, out, relu2):
+    """out[pos] = act(W[expert(pos)] a[row(pos)]) for every placed (token, slot) pair, W dense or packed."""
+    e, n_out, n_in = w.shape
+    n_tiles = cdiv(out.shape[0], MOE_ROWS) + e  # >= sum over experts of ceil(rows / MOE_ROWS)
+    tail = (i64(n_out), i64(n_in), a, a_row, i32(gather), offsets, tile_offsets, i32(e), out, i32(relu2))
+    if isinstance(w, NVFP4Weight):
+        key = "nvfp4"
+        head = (_device_u8(xp, w.packed), _device_u8(xp, w.block_scale), *device_f32(xp, w.global_scale))
+    elif isinstance(w, FP8Weight):
+        key = "fp8"
+        head = (_device_u8(xp, w.data), *device_f32(xp, w.scale))
+    else:
+        key = "dense"
+        head = tuple(device_f32(xp, w))
+    get_kernel(CU_FILE, KERNELS[key])((n_tiles, cdiv(n_out, MOE_WARPS)), (MOE_WARPS * 32,), head + tail)
+
+
+def _device_u8(xp, a):
+    return xp.ascontiguousarray(xp.asarray(a, dtype=np.uint8))
+
+
+def moe_experts_cupy(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
+    """out[t] = sum_j w[t,j] * down[e](relu2(up[e] x[t])), e = idx[t,j]: dispatch, two grouped matmuls, combine.
+
+    Unlike the reference, a token that names one expert twice is not rejected: both slots are computed and
+    summed (the reference's check costs a sort; route() never produces it).
+    """
+    name = "moe_experts"
+    dtype, t, l, k, e, f = _check_experts(name, x, idx, weights, up, down)
+    if dtype != np.float32:
+        return moe_ref.moe_experts(x, idx, weights, up, down)
+    import cupy as xp
+
+    n_pairs = t * k
+    if n_pairs >= 2**31:
+        raise ShapeError(f"{name}: t*k = {n_pairs} (token, slot) pairs; the kernels index them with int32")
+    out = xp.zeros((t, l), dtype=np.float32)
+    if n_pairs == 0:
+        return out
+    idx = xp.ascontiguousarray(xp.asarray(idx, dtype=np.int64))
+    lo, hi = int(idx.min()), int(idx.max())  # one sync: a bad id would index out of the counts array
+    if lo < 0 or hi >= e:
+        raise InputError(f"{name}: idx holds expert ids in [{lo}, {hi}], expected [0, {e}) for the e={e} "
+                         "experts of up/down")
+    x, weights = device_f32(xp, x, weights)
+
+    # dispatch: counts -> offsets (and the tile -> expert map) -> each pair's place in expert order
+    counts = xp.zeros(e, dtype=np.int32)
+    launch_1d(get_kernel(CU_FILE, KERNELS["count"]), n_pairs, (idx, counts, i64(n_pairs)))
+    offsets = xp.empty(e + 1, dtype=np.int32)
+    tile_offsets = xp.empty(e + 1, dtype=np.int32)
+    get_kernel(CU_FILE, KERNELS["offsets"])((1,), (32,), (counts, offsets, tile_offsets, i32(e)))
+    fill = xp.zeros(e, dtype=np.int32)
+    src_token = xp.empty(n_pairs, dtype=np.int32)
+    pair_pos = xp.empty(n_pairs, dtype=np.int32)
+    launch_1d(get_kernel(CU_FILE, KERNELS["permute"]), n_pairs,
+              (idx, offsets, fill, src_token, pair_pos, i64(n_pairs), i32(k)))
+
+    # h = relu2(up[e] x[token])  [pairs, f];  y = down[e] h  [pairs, l]
+    h = xp.empty((n_pairs, f), dtype=np.float32)
+    _expert_matmul(xp, up, x, src_token, 1, offsets, tile_offsets, h, relu2=1)
+    y = xp.empty((n_pairs, l), dtype=np.float32)
+    _expert_matmul(xp, down, h, src_token, 0, offsets, tile_offsets, y, relu2=0)
+
+    # out[t] = sum_j w[t, j] * y[pos(t, j)]
+    launch_1d(get_kernel(CU_FILE, KERNELS["combine"]), t * l,
+              (y, pair_pos, weights, out, i64(t), i32(k), i32(l)))
+    return out

@@ -1,0 +1,282 @@
+"""The MoE router and the routed experts in Numba-CUDA.
+
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
+Test:       tests/test_backend_numba_core.py::test_route_*, ::test_moe_experts_*
+Tolerance:  selection identical (same experts, same order); weights ("kernel_router", float32);
+            experts ("kernel_moe", float32)
+Versions:
+  route_v1_block      one block per TOKENS tokens. The threads take an expert each: float32 logits over the
+                      full width d (x staged in shared memory D_CHUNK columns at a time, every gate element
+                      read once per block), then s = sigmoid, sc = s + bias, both kept in shared memory.
+                      Group-limited top-k and top-k are both a RANK: rank(e) = #{e' : sc[e'] > sc[e], or
+                      sc[e'] == sc[e] and e' < e}; e is picked, in slot rank(e), when rank(e) < k. That is
+                      exactly the reference order (descending biased score, ties to the lower index) with no
+                      sort and no inter-thread communication. Groups are ranked the same way on the sum of
+                      their top-2 scores; experts of dropped groups score -inf. Weights w = s[idx], then
+                      w / (sum w + 1e-20) * routed_scaling_factor by one thread a token.
+  moe_dispatch_v1     tokens grouped by expert: count the (token, slot) pairs of each expert (integer
+                      atomics), an exclusive prefix sum gives each expert's offsets, a scatter writes the
+                      permutation (pair ids, expert by expert; the order inside an expert is free).
+  experts: two grouped GEMMs (quant.matmul_v1_tiled, one group per expert, the weight format decoded on
+                      the fly): h = relu2(x[tok] up[e]^T) in permuted order, y[pair] = h down[e]^T back in
+                      pair order; then moe_combine_v1 sums out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot
+                      order (deterministic: each pair owns its row of y, so no float atomics are needed).
+Build:      @cuda.jit(fastmath=False); float32 compute; float64 (oracle mode) or a packed gate runs the reference.
+"""
+
+import math
+
+import numpy as np
+from numba import cuda, float32, int32
+
+from ...errors import InputError
+from ...ops import moe as moe_ref
+from ...ops.common import check_float, check_shape, get_xp
+from ...ops.quant import FP8Weight, NVFP4Weight
+from .quant import ACT_NONE, ACT_RELU2, grouped_matmul, linear_numba, weight_arrays
+from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
+
+SIM = simulator_enabled()
+TOKENS = 2 if SIM else 4          # tokens a router block
+ROUTER_THREADS = 16 if SIM else 128
+D_CHUNK = 8 if SIM else 256       # columns of x staged at a time
+SMEM_BYTES = 48 * 1024            # the static limit of dynamic shared memory without an opt-in
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Router
+
+@cuda.jit(device=True, **JIT)
+def _rank(scores, base, i, n):
+    # how many of scores[base : base+n] come before entry i: larger, or equal with a lower index
+    v = scores[base + i]
+    rank = 0
+    for j in range(n):
+        u = scores[base + j]
+        if u > v or (u == v and j < i):
+            rank += 1
+    return rank
+
+
+@cuda.jit(**JIT)
+def route_v1_block(x, gate, bias, idx_out, w_out, tokens, d_chunk, n_group, topk_group, normalize, scaling):
+    # x [t,d], gate [e,d], bias [e] (zeros when None) -> idx_out [t,k] int64, w_out [t,k]
+    smem = cuda.shared.array(0, float32)
+    t, d = x.shape
+    e = gate.shape[0]
+    k = idx_out.shape[1]
+    gsize = e // n_group
+    tid, nt = cuda.threadIdx.x, cuda.blockDim.x
+    t0 = cuda.blockIdx.x * tokens
+    nt_here = min(tokens, t - t0)
+    xs = smem[:tokens * d_chunk]                                               # [tokens, d_chunk]
+    s = smem[tokens * d_chunk:tokens * (d_chunk + e)]                          # [tokens, e] sigmoid
+    sc = smem[tokens * (d_chunk + e):tokens * (d_chunk + 2 * e)]               # [tokens, e] biased
+    gs = smem[tokens * (d_chunk + 2 * e):tokens * (d_chunk + 2 * e + n_group)]  # [tokens, n_group]
+    logit = cuda.local.array(16, float32)  # tokens <= 16
+    for i in range(tid, tokens * e, nt):
+        s[i] = float32(0.0)
+    # logits[tb, ex] = x[t0+tb] . gate[ex], float32, chunk by chunk of d
+    for d0 in range(0, d, d_chunk):
+        cuda.syncthreads()
+        for i in range(tid, tokens * d_chunk, nt):
+            tb, j = i // d_chunk, d0 + i % d_chunk
+            xs[i] = x[t0 + tb, j] if tb < nt_here and j < d else float32(0.0)
+        cuda.syncthreads()
+        for ex in range(tid, e, nt):
+            for tb in range(tokens):
+                logit[tb] = s[tb * e + ex]
+            for j in range(min(d_chunk, d - d0)):
+                g_ej = gate[ex, d0 + j]
+                for tb in range(tokens):
+                    logit[tb] += xs[tb * d_chunk + j] * g_ej
+            for tb in range(tokens):
+                s[tb * e + ex] = logit[tb]
+    cuda.syncthreads()
+    for i in range(tid, tokens * e, nt):
+        # s = sigmoid(logit), through e^-|logit| as the reference; sc = s + bias (selection only)
+        z = s[i]
+        ez = math.exp(-abs(z))
+        s[i] = float32(1.0) / (float32(1.0) + ez) if z >= 0 else ez / (float32(1.0) + ez)
+        sc[i] = s[i] + bias[i % e]
+    cuda.syncthreads()
+    if n_group > 1:
+        for i in range(tid, tokens * n_group, nt):
+            # group score = sum of the group's top-2 biased scores (its only score for a group of one)
+            base = (i // n_group) * e + (i % n_group) * gsize
+            top1 = float32(-math.inf)
+            top2 = float32(-math.inf)
+            for j in range(gsize):
+                u = sc[base + j]
+                if u > top1:
+                    top2 = top1
+                    top1 = u
+                elif u > top2:
+                    top2 = u
+            gs[i] = top1 + top2 if gsize > 1 else top1
+        cuda.syncthreads()
+        for i in range(tid, tokens * e, nt):
+            # experts of a group outside the topk_group best groups score -inf
+            tb, grp = i // e, (i % e) // gsize
+            if _rank(gs, tb * n_group, grp, n_group) >= topk_group:
+                sc[i] = float32(-math.inf)
+        cuda.syncthreads()
+    for i in range(tid, nt_here * e, nt):
+        # expert ex takes slot rank(ex) when that is < k; w = s[ex] (unbiased)
+        tb, ex = i // e, i % e
+        slot = _rank(sc, tb * e, ex, e)
+        if slot < k:
+            idx_out[t0 + tb, slot] = ex
+            w_out[t0 + tb, slot] = s[i]
+    cuda.syncthreads()
+    for tb in range(tid, nt_here, nt):
+        total = float32(0.0)
+        for j in range(k):
+            total += w_out[t0 + tb, j]
+        # w = w / (sum_k w + 1e-20) (norm_topk_prob), then w * routed_scaling_factor
+        for j in range(k):
+            w_j = w_out[t0 + tb, j]
+            if normalize:
+                w_j = w_j / (total + float32(1e-20))
+            w_out[t0 + tb, j] = w_j * scaling
+
+
+def route_numba(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+                routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
+    """Same contract as nemo_scratch.ops.moe.route."""
+    args = (top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
+    dense = not isinstance(gate_weight, (NVFP4Weight, FP8Weight))
+    if not dense or check_float("route", x, gate_weight, correction_bias) != np.float32:
+        return moe_ref.route(x, gate_weight, correction_bias, *args)
+    moe_ref.route(x[:0] if x.ndim else x, gate_weight, correction_bias, *args)  # checks only (no tokens)
+    xp = get_xp(x, gate_weight, correction_bias)
+    t, e = x.shape[0], gate_weight.shape[0]
+    bias = xp.zeros(e, dtype=np.float32) if correction_bias is None else correction_bias
+    x, gate_weight, bias = contiguous(xp, x, gate_weight, bias)
+    idx = xp.empty((t, top_k), dtype=np.int64)
+    w = xp.empty((t, top_k), dtype=np.float32)
+    d_chunk = min(D_CHUNK, max(1, x.shape[1]))
+    # shared memory: x chunk + s + sc + group scores, float32, for `tokens` tokens (at most 16: the logit array)
+    per_token = 4 * (d_chunk + 2 * e + n_group)
+    tokens = max(1, min(TOKENS, SMEM_BYTES // per_token))
+    if tokens * per_token > SMEM_BYTES:
+        return moe_ref.route(x, gate_weight, correction_bias, *args)  # > ~6000 experts: no kernel
+    if t:
+        route_v1_block[cdiv(t, tokens), ROUTER_THREADS, 0, tokens * per_token](
+            x, gate_weight, bias, idx, w, tokens, d_chunk, n_group, topk_group, bool(norm_topk_prob),
+            np.float32(routed_scaling_factor))
+    return idx, w
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Experts: dispatch, grouped GEMMs, combine
+
+@cuda.jit(**JIT)
+def moe_count_v1(idx_flat, counts):
+    # idx_flat [t*k] -> counts[e] += 1 for each pair
+    pair = cuda.grid(1)
+    if pair < idx_flat.shape[0]:
+        cuda.atomic.add(counts, idx_flat[pair], int32(1))
+
+
+@cuda.jit(**JIT)
+def moe_offsets_v1(counts, offsets):
+    # exclusive prefix sum: offsets[0] = 0, offsets[ex+1] = offsets[ex] + counts[ex] (e is small: one thread)
+    if cuda.grid(1) == 0:
+        offsets[0] = 0
+        for ex in range(counts.shape[0]):
+            offsets[ex + 1] = offsets[ex] + counts[ex]
+
+
+@cuda.jit(**JIT)
+def moe_dispatch_v1(idx_flat, k, offsets, fill, perm, tok_rows):
+    # pair p = t*k + j goes to position offsets[e] + (arrival order within e); perm = pair, tok_rows = token
+    pair = cuda.grid(1)
+    if pair < idx_flat.shape[0]:
+        ex = idx_flat[pair]
+        pos = offsets[ex] + cuda.atomic.add(fill, ex, int32(1))
+        perm[pos] = pair
+        tok_rows[pos] = pair // k
+
+
+@cuda.jit(**JIT)
+def moe_combine_v1(y, weights, out):
+    # y [t*k, l] (pair order), weights [t,k] -> out [t,l] = sum_j weights[t,j] * y[t*k+j]; one thread an output
+    i = cuda.grid(1)
+    t, l = out.shape
+    k = weights.shape[1]
+    if i < t * l:
+        tok, c = i // l, i % l
+        acc = float32(0.0)
+        for j in range(k):
+            acc += weights[tok, j] * y[tok * k + j, c]
+        out[tok, c] = acc
+
+
+def _expert_weights(xp, w):
+    """(format, fetch arrays) of a stacked expert weight: dense [e,o,i], NVFP4Weight or FP8Weight stacks."""
+    if isinstance(w, NVFP4Weight):
+        return "nvfp4", weight_arrays(xp, (w.packed, w.block_scale, w.global_scale), "nvfp4")
+    if isinstance(w, FP8Weight):
+        return "fp8", weight_arrays(xp, (w.data, w.scale), "fp8")
+    return "dense", weight_arrays(xp, w, "dense")
+
+
+def moe_experts_numba(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
+    """Same contract as nemo_scratch.ops.moe.moe_experts."""
+    name = "moe_experts"
+    if check_float(name, x, weights, *moe_ref._dense(up, down)) != np.float32:
+        return moe_ref.moe_experts(x, idx, weights, up, down)
+    check_shape(name, "x", x, (None, None))
+    t, l = x.shape
+    check_shape(name, "idx", idx, (t, None))
+    check_shape(name, "weights", weights, tuple(idx.shape))
+    moe_ref.moe_experts(x[:0], idx[:0], weights[:0], up, down)  # the other checks (no tokens: no compute)
+    xp = get_xp(x, idx, weights)
+    k = idx.shape[1]
+    e, f = up.shape[:2]
+    pairs = t * k
+    out = xp.zeros((t, l), dtype=np.float32)
+    if pairs == 0 or l == 0:
+        return out
+    # the id and duplicate checks the empty call above could not make (ids index memory in the kernels)
+    if int(idx.min()) < 0 or int(idx.max()) >= e:
+        raise InputError(f"{name}: idx holds expert ids in [{int(idx.min())}, {int(idx.max())}], expected "
+                         f"[0, {e}) for the e={e} experts of up/down")
+    ordered = xp.sort(idx, axis=-1)
+    if bool(xp.any(ordered[:, 1:] == ordered[:, :-1])):
+        raise InputError(f"{name}: idx names one expert twice for a token; route() picks k distinct experts")
+    x, weights = contiguous(xp, x, weights)
+    idx_flat = xp.ascontiguousarray(idx.reshape(-1), dtype=np.int64)
+    # dispatch: counts -> offsets (prefix sum) -> permutation
+    counts = xp.zeros(e, dtype=np.int32)
+    launch_1d(moe_count_v1, pairs, idx_flat, counts)
+    offsets = xp.empty(e + 1, dtype=np.int64)
+    moe_offsets_v1[1, 1](counts, offsets)
+    perm = xp.empty(pairs, dtype=np.int64)
+    tok_rows = xp.empty(pairs, dtype=np.int64)
+    launch_1d(moe_dispatch_v1, pairs, idx_flat, k, offsets, xp.zeros(e, dtype=np.int32), perm, tok_rows)
+    ident = xp.arange(pairs, dtype=np.int64)
+    hit = xp.nonzero(counts)[0].astype(np.int64)  # the experts with tokens: one GEMM group each
+    max_rows = int(counts.max())
+    # h = relu2(x[tok] up[e]^T)   [pairs, f], permuted order
+    h = xp.empty((pairs, f), dtype=np.float32)
+    fmt, arrays = _expert_weights(xp, up)
+    grouped_matmul(fmt, x, tok_rows, offsets, hit, arrays, h, ident, ACT_RELU2, max_rows)
+    # y[pair] = h down[e]^T         [pairs, l], pair order
+    y = xp.empty((pairs, l), dtype=np.float32)
+    fmt, arrays = _expert_weights(xp, down)
+    grouped_matmul(fmt, h, ident, offsets, hit, arrays, y, perm, ACT_NONE, max_rows)
+    # out[t] = sum_j w[t, j] y[t*k + j]
+    launch_1d(moe_combine_v1, t * l, y, weights, out)
+    return out
+
+
+def mlp_numba(x, up, down):  # [..., d], [f,d], [d,f] -> [..., d]
+    """Same contract as nemo_scratch.ops.moe.mlp: down(relu2(up(x))) through linear_numba (packed weights are
+    decoded in the fused matmul kernels; dense ones are one matmul on xp). The shared expert, dense MLPs."""
+    if check_float("mlp", x, *moe_ref._dense(up, down)) != np.float32 or x.ndim < 1:
+        return moe_ref.mlp(x, up, down)  # oracle mode, or a shape the reference rejects with its message
+    moe_ref.mlp(x.reshape(-1, x.shape[-1])[:0], up, down)  # shape checks only (no rows: no compute)
+    # y = down(relu2(up x))
+    return linear_numba(moe_ref.relu2(linear_numba(x, up)), down)

@@ -1,0 +1,306 @@
+"""NVFP4 / FP8 weights in Numba-CUDA: the one E2M1/E4M3 decode, dequantisation, and the fused matmuls.
+
+Reference:  nemo_scratch.ops.quant.e2m1_decode, e4m3_decode, nvfp4_dequantize, nvfp4_matmul, fp8_matmul
+Test:       tests/test_backend_numba_core.py::test_decode_*, ::test_nvfp4_dequantize_*, ::test_quant_matmul_*
+Tolerance:  decodes and dequantisation bit-exact (np.array_equal); matmuls ("kernel_quant_matmul", float32)
+Versions:
+  e2m1_value / e4m3_value   THE device decode every kernel uses (here, in moe.py, in attention-free GEMMs):
+                            the value is rebuilt from the bit fields (sign, exponent, mantissa) as an exact
+                            integer times a power of two; E4M3 subnormals (e = 0) and NaN (0x7F/0xFF) included.
+  nvfp4_dequantize_v1_naive one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale,
+                            multiplied in that order (e2m1 * scale is exact, so there is one rounding, as in
+                            the reference).
+  matmul_v1_tiled           out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of
+                            group g (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W
+                            tiles staged in shared memory, W decoded element by element on its way in. A
+                            plain matmul is one group; moe.py runs every expert as a group (grouped GEMM).
+  matmul_v2_gemv            m <= GEMV_ROWS rows of x (decode, batch 1): one block per output feature, the
+                            threads stride over the input width (coalesced reads of the packed weight),
+                            decode in registers, and a shared-memory tree reduction. Clearly better than v1
+                            there: v1 would keep TILE-1 of its TILE rows of threads idle, this uses them all.
+  The weight formats are device functions with one signature, fetch(wa, wb, wc, g, n, kk) -> W_g[n, kk]:
+  dense (wa float32 [g,out,in]), NVFP4 (packed, block_scale, global_scale), FP8 (data, -, scale); each kernel
+  is built once per format (a closure over the fetch function, compiled by numba as a constant).
+Build:      @cuda.jit(fastmath=False); float32 compute. float64 x (oracle mode) runs the reference on xp.
+"""
+
+import math
+from functools import lru_cache
+
+import numpy as np
+from numba import cuda, float32, int32
+
+from ...ops import linear as linear_ref
+from ...ops import quant as quant_ref
+from ...ops.common import get_xp
+from ...ops.quant import FP8Weight, NVFP4Weight
+from .runtime import JIT, MAX_REDUCE_THREADS, block_sum, cdiv, contiguous, launch_1d, reduce_threads, \
+    simulator_enabled
+
+# Output tile of matmul_v1_tiled (TILE x TILE threads a block). Under the simulator every thread is a Python
+# thread: 4 x 4 keeps a block cheap; the tests cross both sizes with non-multiples.
+TILE = 4 if simulator_enabled() else 16
+TILE_PAD = TILE + 1  # the W tile is read down its columns: one float of padding avoids bank conflicts
+# At most this many rows of x go through matmul_v2_gemv (one accumulator per row in registers).
+GEMV_ROWS = 4
+ACT_NONE, ACT_RELU2 = 0, 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The decode (spec 9.3), shared by every kernel of the package
+
+@cuda.jit(device=True, **JIT)
+def e2m1_value(code):  # uint8 nibble -> float32
+    # code = sign<<3 | exp<<1 | man; exp 0: man * 0.5 (0, 0.5); else 2^(exp-1) * (1 + man/2) = (2+man) 2^(exp-2)
+    code = int32(code)  # signed: numba would unify unsigned and signed integer branches to float64
+    exp = (code >> 1) & 3
+    man = code & 1
+    if exp == 0:
+        val = float32(man) * float32(0.5)
+    else:
+        val = float32((2 + man) << (exp - 1)) * float32(0.5)
+    return -val if code & 8 else val
+
+
+@cuda.jit(device=True, **JIT)
+def e4m3_value(code):  # uint8 FP8 E4M3FN bit pattern -> float32
+    code = int32(code)
+    exp = (code >> 3) & 15
+    man = code & 7
+    if exp == 15 and man == 7:
+        return float32(math.nan)  # 0x7F / 0xFF: the only NaNs; E4M3FN has no infinities
+    if exp == 0:
+        # subnormal: 2^-6 * man/8 = man * 2^-9
+        val = float32(man) * float32(2.0 ** -9)
+    else:
+        # normal: 2^(exp-7) * (1 + man/8) = (8 + man) * 2^exp * 2^-10 (an exact integer times a power of two)
+        val = float32((8 + man) << exp) * float32(2.0 ** -10)
+    return -val if code & 128 else val
+
+
+@cuda.jit(device=True, **JIT)
+def dense_weight(w, unused_b, unused_c, g, n, kk):  # w float32 [g,out,in]
+    return w[g, n, kk]
+
+
+@cuda.jit(device=True, **JIT)
+def nvfp4_weight(packed, block_scale, global_scale, g, n, kk):  # [g,out,in/2] u8, [g,out,in/16] u8, [g] f32
+    # W[n, kk] = e2m1[nibble kk] * e4m3[block_scale[n, kk/16]] * global_scale  (low nibble = even kk)
+    byte = int32(packed[g, n, kk >> 1])
+    code = (byte >> 4) if kk & 1 else (byte & 15)
+    return (e2m1_value(code) * e4m3_value(block_scale[g, n, kk >> 4])) * global_scale[g]
+
+
+@cuda.jit(device=True, **JIT)
+def fp8_weight(data, unused_b, scale, g, n, kk):  # [g,out,in] u8, -, [g] f32
+    # W[n, kk] = e4m3[data[n, kk]] * scale
+    return e4m3_value(data[g, n, kk]) * scale[g]
+
+
+FETCH = {"dense": dense_weight, "nvfp4": nvfp4_weight, "fp8": fp8_weight}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Kernels
+
+@cuda.jit(**JIT)
+def minifloat_decode_v1(codes, out, e4m3):
+    # codes [n] u8 -> out [n] f32: the device decode, one thread a code (tests it over every code)
+    i = cuda.grid(1)
+    if i < codes.shape[0]:
+        out[i] = e4m3_value(codes[i]) if e4m3 else e2m1_value(codes[i])
+
+
+@cuda.jit(**JIT)
+def nvfp4_dequantize_v1_naive(packed, block_scale, global_scale, out):
+    # [g,out,in/2] u8, [g,out,in/16] u8, [g] f32 -> out [g,out,in] f32; one thread per packed byte
+    i = cuda.grid(1)
+    half = packed.shape[2]
+    if i < packed.shape[0] * packed.shape[1] * half:
+        g_n = i // half
+        g, n, j = g_n // packed.shape[1], g_n % packed.shape[1], i % half
+        out[g, n, 2 * j] = nvfp4_weight(packed, block_scale, global_scale, g, n, 2 * j)
+        out[g, n, 2 * j + 1] = nvfp4_weight(packed, block_scale, global_scale, g, n, 2 * j + 1)
+
+
+@lru_cache(maxsize=None)
+def matmul_v1_tiled(fmt):
+    """The tiled (grouped) matmul for one weight format; see the header."""
+    fetch = FETCH[fmt]
+
+    @cuda.jit(**JIT)
+    def kernel(x, x_rows, offsets, groups, wa, wb, wc, out, out_rows, act):
+        # x [*, in], x_rows/out_rows [r] int64, offsets [g+1] int64, groups [z] int64, W_g [out, in] -> out [*, out]
+        xs = cuda.shared.array((TILE, TILE), float32)
+        ws = cuda.shared.array((TILE, TILE_PAD), float32)
+        g = groups[cuda.blockIdx.z]
+        row_end = offsets[g + 1]
+        row0 = offsets[g] + cuda.blockIdx.y * TILE
+        if row0 >= row_end:
+            return  # the whole block leaves together (groups have different sizes)
+        tx, ty = cuda.threadIdx.x, cuda.threadIdx.y
+        n0 = cuda.blockIdx.x * TILE
+        n_in, n_out = x.shape[1], out.shape[1]
+        r = row0 + ty
+        acc = float32(0.0)
+        for k0 in range(0, n_in, TILE):
+            xs[ty, tx] = x[x_rows[r], k0 + tx] if r < row_end and k0 + tx < n_in else float32(0.0)
+            # W tile [n, kk], decoded on its way into shared memory (consecutive tx read consecutive kk)
+            ws[ty, tx] = fetch(wa, wb, wc, g, n0 + ty, k0 + tx) if n0 + ty < n_out and k0 + tx < n_in \
+                else float32(0.0)
+            cuda.syncthreads()
+            for kk in range(TILE):
+                acc += xs[ty, kk] * ws[tx, kk]
+            cuda.syncthreads()
+        if r < row_end and n0 + tx < n_out:
+            if act == ACT_RELU2:
+                # relu2(v) = max(v, 0)^2
+                acc = max(acc, float32(0.0))
+                acc = acc * acc
+            out[out_rows[r], n0 + tx] = acc
+
+    return kernel
+
+
+@lru_cache(maxsize=None)
+def matmul_v2_gemv(fmt):
+    """The decode-shaped matmul (m <= GEMV_ROWS) for one weight format; see the header."""
+    fetch = FETCH[fmt]
+
+    @cuda.jit(**JIT)
+    def kernel(x, wa, wb, wc, out):
+        # x [m, in], W_0 [out, in] -> out [m, out]; block (n, row group), threads stride over in
+        smem = cuda.shared.array(MAX_REDUCE_THREADS, float32)
+        acc = cuda.local.array(GEMV_ROWS, float32)
+        n = cuda.blockIdx.x
+        r0 = cuda.blockIdx.y * GEMV_ROWS
+        rows = min(GEMV_ROWS, x.shape[0] - r0)
+        for r in range(GEMV_ROWS):
+            acc[r] = float32(0.0)
+        for kk in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
+            w_nk = fetch(wa, wb, wc, 0, n, kk)
+            for r in range(rows):
+                acc[r] += x[r0 + r, kk] * w_nk
+        for r in range(rows):
+            # out[r, n] = sum over the threads' partial dot products
+            total = block_sum(acc[r], smem)
+            if cuda.threadIdx.x == 0:
+                out[r0 + r, n] = total
+
+    return kernel
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Launchers
+
+def weight_arrays(xp, w, fmt):
+    """(wa, wb, wc) for the fetch of ``fmt``, each with a leading group axis; unused slots get a 1-element dummy.
+
+    w: a float32 array [g, out, in] (dense), (packed, block_scale, global_scale) (nvfp4), (data, scale) (fp8).
+    """
+    dummy_u8 = xp.zeros((1, 1, 1), dtype=np.uint8)
+    if fmt == "nvfp4":
+        packed, block_scale, global_scale = w
+        return contiguous(xp, packed, block_scale, global_scale.reshape(-1))
+    if fmt == "fp8":
+        data, scale = w
+        return [xp.ascontiguousarray(data), dummy_u8, xp.ascontiguousarray(scale.reshape(-1))]
+    return [xp.ascontiguousarray(w), dummy_u8, xp.zeros(1, dtype=np.float32)]
+
+
+def grouped_matmul(fmt, x, x_rows, offsets, groups, weights, out, out_rows, act, max_rows):
+    """out[out_rows[r]] = act(x[x_rows[r]] @ W_g^T) for each g in ``groups``, rows offsets[g] <= r < offsets[g+1].
+
+    ``weights`` = weight_arrays(...) with a leading group axis; ``groups`` lists the groups that have rows
+    (the experts that were hit: no block is spent on the others); ``max_rows`` bounds any group's row count
+    (blocks past a group's end return at once). All arrays live on the device.
+    """
+    if groups.shape[0] == 0 or max_rows < 1 or out.shape[1] == 0:
+        return out
+    grid = (cdiv(int(out.shape[1]), TILE), cdiv(max_rows, TILE), int(groups.shape[0]))
+    matmul_v1_tiled(fmt)[grid, (TILE, TILE)](x, x_rows, offsets, groups, *weights, out, out_rows, act)
+    return out
+
+
+def _matmul(fmt, x, weights, n_out):  # [..., in] -> [..., n_out]; weights with one group
+    """x @ W^T for a weight of format ``fmt``: v2_gemv for a few rows of x, v1_tiled otherwise."""
+    xp = get_xp(x)
+    lead, n_in = x.shape[:-1], x.shape[-1]
+    x2 = xp.ascontiguousarray(x.reshape(-1, n_in))
+    m = x2.shape[0]
+    out = xp.zeros((m, n_out), dtype=np.float32)
+    if m == 0 or n_out == 0 or n_in == 0:
+        return out.reshape(*lead, n_out)
+    if m <= GEMV_ROWS:
+        matmul_v2_gemv(fmt)[(n_out, cdiv(m, GEMV_ROWS)), reduce_threads(n_in)](x2, *weights, out)
+    else:
+        rows = xp.arange(m, dtype=np.int64)
+        offsets, groups = xp.asarray(np.array([0, m], dtype=np.int64)), xp.zeros(1, dtype=np.int64)
+        grouped_matmul(fmt, x2, rows, offsets, groups, weights, out, rows, ACT_NONE, m)
+    return out.reshape(*lead, n_out)
+
+
+def _decode(name, codes, limit, e4m3):  # uint8 [...] -> float32 [...]
+    quant_ref._check_codes(name, "codes", codes, limit)
+    xp = get_xp(codes)
+    flat = xp.ascontiguousarray(codes.reshape(-1))
+    out = xp.empty(flat.shape, dtype=np.float32)
+    launch_1d(minifloat_decode_v1, flat.size, flat, out, e4m3)
+    return out.reshape(codes.shape)
+
+
+def e2m1_decode_numba(codes):  # uint8 [...] (0..15) -> float32 [...]
+    """Same contract as nemo_scratch.ops.quant.e2m1_decode (bit-exact), through the device decode."""
+    return _decode("e2m1_decode", codes, 15, False)
+
+
+def e4m3_decode_numba(codes):  # uint8 [...] -> float32 [...]
+    """Same contract as nemo_scratch.ops.quant.e4m3_decode (bit-exact), through the device decode."""
+    return _decode("e4m3_decode", codes, 255, True)
+
+
+def nvfp4_dequantize_numba(packed, block_scale, global_scale):  # [..., out, in/2] u8, [..., out, in/16] u8, [...]
+    """Same contract as nemo_scratch.ops.quant.nvfp4_dequantize: float32 [..., out, in], bit-exact."""
+    lead, n_out, n_in = quant_ref._check_nvfp4("nvfp4_dequantize", packed, block_scale, global_scale)
+    xp = get_xp(packed, block_scale, global_scale)
+    g = int(np.prod(lead, dtype=np.int64))
+    wa, wb, wc = weight_arrays(xp, (packed.reshape(g, n_out, n_in // 2), block_scale.reshape(g, n_out, n_in // 16),
+                                    global_scale), "nvfp4")
+    out = xp.empty((g, n_out, n_in), dtype=np.float32)
+    launch_1d(nvfp4_dequantize_v1_naive, g * n_out * (n_in // 2), wa, wb, wc, out)
+    return out.reshape(*lead, n_out, n_in)
+
+
+def nvfp4_matmul_numba(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], [out, in/2] -> [..., out]
+    """Same contract as nemo_scratch.ops.quant.nvfp4_matmul (W4A16, decoded inside the matmul).
+
+    rows_per_tile is the reference's decode tile, checked the same way; the kernels tile by their own sizes.
+    """
+    name = "nvfp4_matmul"
+    _, n_out, n_in = quant_ref._check_nvfp4(name, packed, block_scale, global_scale)
+    if quant_ref._check_matmul(name, x, n_in, packed.ndim, rows_per_tile) != np.float32:
+        return quant_ref.nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile)
+    xp = get_xp(x, packed)
+    weights = weight_arrays(xp, (packed.reshape(1, n_out, n_in // 2), block_scale.reshape(1, n_out, n_in // 16),
+                                 global_scale), "nvfp4")
+    return _matmul("nvfp4", x, weights, n_out)
+
+
+def fp8_matmul_numba(x, data, scale, rows_per_tile=128):  # [..., in], [out, in] u8, [] f32 -> [..., out]
+    """Same contract as nemo_scratch.ops.quant.fp8_matmul (W8A16, decoded inside the matmul)."""
+    name = "fp8_matmul"
+    n_out, n_in = quant_ref._check_fp8(name, data, scale)
+    if quant_ref._check_matmul(name, x, n_in, data.ndim, rows_per_tile) != np.float32:
+        return quant_ref.fp8_matmul(x, data, scale, rows_per_tile)
+    xp = get_xp(x, data)
+    return _matmul("fp8", x, weight_arrays(xp, (data.reshape(1, n_out, n_in), scale), "fp8"), n_out)
+
+
+def linear_numba(x, w):  # [..., in], w [out, in] (ndarray | NVFP4Weight | FP8Weight) -> [..., out]
+    """Same contract as nemo_scratch.ops.linear.linear: packed weights go to the fused kernels above; a dense
+    weight is a plain matmul on xp (cuBLAS through CuPy on a GPU: no hand-written kernel beats it)."""
+    if isinstance(w, NVFP4Weight):
+        return nvfp4_matmul_numba(x, w.packed, w.block_scale, w.global_scale)
+    if isinstance(w, FP8Weight):
+        return fp8_matmul_numba(x, w.data, w.scale)
+    return linear_ref.linear(x, w)

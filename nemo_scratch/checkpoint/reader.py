@@ -1,0 +1,350 @@
+"""Checkpoint directories: config.json plus safetensors files, opened and validated with NumPy alone.
+
+A checkpoint directory holds config.json and one of
+- model.safetensors,
+- model.safetensors.index.json ({"weight_map": {tensor: file}}) and the shard files it names,
+- several *.safetensors files without an index (every tensor in exactly one of them).
+Optional: hf_quant_config.json (ModelOpt), or a "quantization_config" object inside config.json.
+
+``open_checkpoint`` gives tensor-by-tensor access to what is stored; ``load_tensors`` turns that into the
+validated logical weights the model reads (NVIDIA names, float arrays or packed NVFP4Weight / FP8Weight). Nothing here unpickles or runs code from the checkpoint, and
+no file outside the directory is ever opened: an index entry that is absolute, climbs with ``..`` or is a
+symlink leading out is refused (path traversal), with one exception, the Hugging Face hub cache, whose
+snapshot files are symlinks into the same repository's ``blobs`` folder.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from functools import cached_property
+from pathlib import Path, PurePosixPath, PureWindowsPath
+
+import numpy as np
+
+from ..config import NemotronConfig
+from ..errors import CheckpointError, ConfigError, InputError
+from ..ops.quant import FP8Weight, NVFP4Weight
+from .names import check_tensor_set, expert_names, is_stacked, nvidia_name
+from .safetensors_io import SafetensorsFile
+
+CONFIG, SINGLE, INDEX, QUANT_CONFIG = "config.json", "model.safetensors", "model.safetensors.index.json", \
+    "hf_quant_config.json"
+
+
+class CheckpointReader:
+    """The tensors of one checkpoint directory, by stored name, whichever file holds them."""
+
+    def __init__(self, directory: Path, files: dict, where: dict, raw_config: dict, source: str):
+        self.directory = directory
+        self.files = files            # {file name relative to the directory: SafetensorsFile}
+        self._where = where           # {stored tensor name: file name}
+        self.raw_config = raw_config  # config.json as a dict
+        self.source = source          # how error messages name the tensor files as a whole
+
+    @cached_property
+    def config(self) -> NemotronConfig:
+        return NemotronConfig.from_dict(self.raw_config, source=str(self.directory / CONFIG))
+
+    @cached_property
+    def quant_config(self):
+        """The raw ModelOpt quantization dict: hf_quant_config.json, else config.json's quantization_config,
+        else None (parsed into recipes by checkpoint/modelopt.py)."""
+        path = self.directory / QUANT_CONFIG
+        if path.is_file():
+            return _read_json_object(path)
+        value = self.raw_config.get("quantization_config")
+        return value if isinstance(value, dict) else None
+
+    def names(self) -> list:
+        """Every stored tensor name, sorted."""
+        return sorted(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def file_of(self, name) -> Path:
+        return self.directory / self._file_name(name)
+
+    def _file_name(self, name) -> str:
+        if name not in self._where:
+            close = difflib.get_close_matches(str(name), list(self._where), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise CheckpointError(f"{self.source}: no tensor {name!r} in this checkpoint{hint}")
+        return self._where[name]
+
+    def _file(self, name) -> SafetensorsFile:
+        return self.files[self._file_name(name)]
+
+    def dtype_of(self, name) -> str:
+        return self._file(name).dtype_of(name)
+
+    def shape_of(self, name) -> tuple:
+        return self._file(name).shape_of(name)
+
+    def get(self, name):
+        """The stored tensor as NumPy (BF16/F16 upcast to float32 exactly, F8_E4M3 as uint8 codes)."""
+        return self._file(name).get(name)
+
+
+def open_checkpoint(path) -> CheckpointReader:
+    """Open and validate a checkpoint directory (headers, index, file containment); tensors are read lazily."""
+    directory = Path(path)
+    if not directory.is_dir():
+        what = "is a file" if directory.exists() else "does not exist"
+        raise CheckpointError(f"{directory}: {what}; expected a checkpoint directory holding config.json and "
+                              "*.safetensors")
+    config_path = directory / CONFIG
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs a config.json next to its "
+                              "safetensors files")
+    raw_config = _read_json_object(config_path, error=ConfigError)
+    if (directory / INDEX).is_file():
+        files, where, source = _open_indexed(directory)
+    else:
+        files, where, source = _open_unindexed(directory)
+    return CheckpointReader(directory, files, where, raw_config, source)
+
+
+def _open_indexed(directory):
+    index_path = directory / INDEX
+    index = _read_json_object(index_path)
+    weight_map = index.get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object {{tensor: file}}, got "
+                              f"{weight_map!r}")
+    files = {}
+    for name, file_name in weight_map.items():
+        if file_name not in files:
+            path = resolve_inside(directory, file_name, f"{index_path}: weight_map entry {name!r}")
+            files[file_name] = SafetensorsFile(path)
+        if name not in files[file_name]:
+            raise CheckpointError(f"{index_path}: weight_map puts tensor {name!r} in {file_name}, but "
+                                  f"{directory / file_name} has no such tensor")
+    for file_name, f in files.items():
+        for name in f.keys():
+            if weight_map.get(name) != file_name:
+                listed = f"puts it in {weight_map[name]}" if name in weight_map else "does not list it"
+                raise CheckpointError(f"{directory / file_name}: holds tensor {name!r} but {index_path} {listed}")
+    return files, dict(weight_map), f"{index_path} ({len(files)} shards)"
+
+
+def _open_unindexed(directory):
+    paths = sorted(directory.glob("*.safetensors"))
+    if not paths:
+        raise CheckpointError(f"{directory}: no {SINGLE}, {INDEX} or other *.safetensors file found")
+    files, where = {}, {}
+    for path in paths:
+        f = files[path.name] = SafetensorsFile(resolve_inside(directory, path.name, f"{directory}: file"))
+        for name in f.keys():
+            if name in where:
+                raise CheckpointError(f"{directory}: tensor {name!r} is stored twice, in {where[name]} and "
+                                      f"{path.name}; expected each tensor in exactly one file")
+            where[name] = path.name
+    source = str(paths[0]) if len(paths) == 1 else f"{directory} ({', '.join(files)})"
+    return files, where, source
+
+
+def resolve_inside(directory: Path, relative, what: str) -> Path:
+    """``directory / relative``, refusing path traversal: absolute names, ``..``, and symlinks leading out of
+    the directory (except Hugging Face hub-cache snapshots, whose files link into the repo's ``blobs``)."""
+    if not isinstance(relative, str) or not relative:
+        raise CheckpointError(f"{what}: file name {relative!r} is not a non-empty string")
+    posix = PurePosixPath(relative.replace("\\", "/"))
+    if posix.is_absolute() or PureWindowsPath(relative).drive or os.path.isabs(relative):
+        raise CheckpointError(f"{what}: file {relative!r} is an absolute path; expected a file name inside "
+                              f"the checkpoint directory {directory}")
+    if ".." in posix.parts:
+        raise CheckpointError(f"{what}: file {relative!r} climbs out with '..'; expected a file name inside "
+                              f"the checkpoint directory {directory}")
+    path = directory.joinpath(*posix.parts)
+    root, target = directory.resolve(), path.resolve()
+    if root not in target.parents and not _hub_cache_blob(root, target):
+        raise CheckpointError(f"{what}: file {relative!r} resolves to {target}, outside the checkpoint "
+                              f"directory {root} (a symlink leading out of it); refused")
+    if not target.is_file():
+        raise CheckpointError(f"{what}: file {path} not found")
+    return path
+
+
+def _hub_cache_blob(root: Path, target: Path) -> bool:
+    # <cache>/models--org--name/snapshots/<revision>/model.safetensors -> ../../blobs/<sha256>
+    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
+
+
+def _read_json_object(path: Path, error=CheckpointError) -> dict:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise error(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got a {type(value).__name__}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- load_tensors
+
+# ModelOpt's companions of a quantized "X.weight" (spec 9.2); weight_scale_2 first so it is not read as
+# weight_scale.
+COMPANIONS = ("weight_scale_2", "weight_scale", "input_scale")
+# FP8 KV-cache calibration scales (spec 9.2). Harmless extras: a reference with a float KV cache has no use for
+# them, so they are skipped and listed in info["ignored"].
+IGNORED = (".k_proj.k_scale", ".v_proj.v_scale")
+FORMAT_OF = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F64": "f64"}
+
+
+def load_tensors(path, dtype="float32"):
+    """Read, map and validate a checkpoint directory: -> (cfg, tensors, info).
+
+    tensors  {NVIDIA name of a logical weight: value}, value an array in ``dtype`` ("float32" or "float64";
+             BF16/F16 upcast exactly), or an NVFP4Weight / FP8Weight for a ModelOpt-quantized linear (codes
+             as uint8 views of the file, scales float32 whatever ``dtype``: they stay packed)
+    info     {"path", "files", "mtp": bool, "formats": {name: "bf16"|"f16"|"f32"|"f64"|"nvfp4"|"fp8"},
+              "ignored": [stored names skipped], "quant_config": dict or None, "notes": [str]}
+    """
+    dtype = _float_dtype(dtype)
+    reader = open_checkpoint(path)
+    cfg = reader.config
+    weights, companions, ignored = _split_companions(reader, logical_view(reader))
+    formats = {name: _detect_format(reader, name, ref, companions.get(name, {})) for name, ref in weights.items()}
+    shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights.items()}
+    config_name = str(reader.directory / CONFIG)
+    include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights[name]), reader.source,
+                                   config_name)
+    stacks = {}   # a stacked expert tensor is read and converted once, then split
+    tensors = {}
+    for name, ref in weights.items():
+        if formats[name] in ("nvfp4", "fp8"):
+            tensors[name] = _packed(reader, ref, companions[name], formats[name])
+        elif ref[1] is None:
+            tensors[name] = np.asarray(reader.get(ref[0]), dtype=dtype)
+        else:
+            if ref[0] not in stacks:
+                stacks[ref[0]] = np.asarray(reader.get(ref[0]), dtype=dtype)
+            tensors[name] = stacks[ref[0]][ref[1]]
+    notes = []
+    if cfg.num_nextn_predict_layers and not include_mtp:
+        notes.append(f"{config_name} declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds "
+                     "no mtp.* tensor (transformers drops them when saving): loaded without the MTP head")
+    info = {"path": str(reader.directory), "files": list(reader.files), "mtp": include_mtp, "formats": formats,
+            "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes}
+    return cfg, tensors, info
+
+
+def logical_view(reader) -> dict:
+    """{NVIDIA name: (stored name, expert index or None)} for every stored tensor; transformers' stacked
+    experts [e, ...] become e entries (names.py holds the mapping)."""
+    view = {}
+    for stored in reader.names():
+        if is_stacked(stored):
+            shape = reader.shape_of(stored)
+            if len(shape) != 3:
+                raise CheckpointError(f"{reader.file_of(stored)}: stacked expert tensor {stored!r} has shape "
+                                      f"{list(shape)}, expected 3 dimensions [e, rows, cols]")
+            refs = [(name, (stored, x)) for x, name in enumerate(expert_names(stored, shape[0]))]
+        else:
+            refs = [(nvidia_name(stored), (stored, None))]
+        for name, ref in refs:
+            if name in view:
+                raise CheckpointError(f"{reader.source}: tensor {name!r} is stored twice, as {view[name][0]!r} in "
+                                      f"{reader.file_of(view[name][0])} and as {stored!r} in {reader.file_of(stored)}")
+            view[name] = ref
+    return view
+
+
+def _where(reader, name, ref) -> str:
+    stored = ref[0] if ref[1] is None else f"{ref[0]}[{ref[1]}]"
+    alias = "" if stored == name else f" (stored as {stored!r})"
+    return f"{reader.file_of(ref[0])}: tensor {name!r}{alias}"
+
+
+def _split_companions(reader, view):
+    """-> ({weight name: ref}, {weight name: {suffix: ref}}, [ignored stored names])."""
+    weights, companions, ignored = {}, {}, []
+    for name, ref in view.items():
+        if name.endswith(IGNORED):
+            ignored.append(ref[0])
+            continue
+        suffix = next((s for s in COMPANIONS if name.endswith("." + s)), None)
+        if suffix is None:
+            weights[name] = ref
+        else:
+            companions.setdefault(name[:-len(suffix)] + "weight", {})[suffix] = ref
+    for base, group in companions.items():
+        if base not in weights:
+            stored = next(iter(group.values()))[0]
+            raise CheckpointError(f"{reader.file_of(stored)}: tensor {stored!r} is unexpected: a quantization "
+                                  f"scale whose weight {base!r} is not in the checkpoint")
+    return weights, companions, ignored
+
+
+def _detect_format(reader, name, ref, group) -> str:
+    """The storage format of one logical weight, from the dtypes of its tensors (spec 9.2)."""
+    dtype, shape = reader.dtype_of(ref[0]), reader.shape_of(ref[0])
+    if dtype in FORMAT_OF and not group:
+        return FORMAT_OF[dtype]
+    is_matrix = ref[1] is None and len(shape) == 2 and name.endswith(".weight")
+    if is_matrix and dtype == "U8" and {"weight_scale", "weight_scale_2"} <= set(group):
+        _check_companion(reader, group, "weight_scale", "F8_E4M3")
+        _check_companion(reader, group, "weight_scale_2", "F32", scalar=True)
+        _check_companion(reader, group, "input_scale", "F32", scalar=True)
+        return "nvfp4"
+    if is_matrix and dtype == "F8_E4M3" and "weight_scale" in group and "weight_scale_2" not in group:
+        _check_companion(reader, group, "weight_scale", "F32", scalar=True)
+        _check_companion(reader, group, "input_scale", "F32", scalar=True)
+        return "fp8"
+    if dtype in FORMAT_OF:
+        stored = next(iter(group.values()))[0]
+        raise CheckpointError(f"{reader.file_of(stored)}: tensor {stored!r} is unexpected: {ref[0]!r} is stored as "
+                              f"{dtype}, not quantized, so it takes no scale tensors")
+    scales = ", ".join(f"{s} {reader.dtype_of(r[0])}" for s, r in group.items()) or "no scale tensors"
+    raise CheckpointError(f"{_where(reader, name, ref)} has unsupported dtype {dtype} (with {scales}): expected BF16, "
+                          "F16, F32 or F64, or a ModelOpt NVFP4 set (U8 weight + F8_E4M3 weight_scale + F32 "
+                          "weight_scale_2) or FP8 set (F8_E4M3 weight + F32 weight_scale)")
+
+
+def _check_companion(reader, group, suffix, dtype, scalar=False):
+    if suffix not in group:
+        return
+    stored = group[suffix][0]
+    got, shape = reader.dtype_of(stored), reader.shape_of(stored)
+    if got != dtype or (scalar and int(np.prod(shape)) != 1):
+        want = f"{dtype} scalar ([] or [1])" if scalar else dtype
+        raise CheckpointError(f"{reader.file_of(stored)}: tensor {stored!r} is {got} {list(shape)}, expected {want}")
+
+
+def _logical_shape(reader, ref, fmt) -> tuple:
+    shape = reader.shape_of(ref[0])
+    if ref[1] is not None:
+        return shape[1:]
+    # NVFP4 packs two 4-bit codes a byte: [out, in/2] holds [out, in]
+    return (shape[0], 2 * shape[1]) if fmt == "nvfp4" else shape
+
+
+def _packed(reader, ref, group, fmt):
+    """An NVFP4Weight or FP8Weight from a weight and its ModelOpt companions (shapes checked)."""
+    def scalar(suffix):
+        return None if suffix not in group else reader.get(group[suffix][0]).reshape(())
+
+    weight = reader.get(ref[0])
+    if fmt == "fp8":
+        return FP8Weight(weight, scalar("weight_scale"), scalar("input_scale"))
+    out, cols = weight.shape[0], 2 * weight.shape[1]
+    block_scale = reader.get(group["weight_scale"][0])
+    if cols % 16 or block_scale.shape != (out, cols // 16):
+        raise CheckpointError(f"{reader.file_of(group['weight_scale'][0])}: tensor {group['weight_scale'][0]!r} has "
+                              f"shape {list(block_scale.shape)}, expected [{out}, {cols // 16}]: one E4M3 scale per 16 "
+                              f"weights of {ref[0]!r} [out, in] = [{out}, {cols}] (in a multiple of 16)")
+    return NVFP4Weight(weight, block_scale, scalar("weight_scale_2"), scalar("input_scale"))
+
+
+def _float_dtype(dtype):
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise InputError(f"load_tensors: argument dtype={dtype!r}; expected 'float32' (default) or 'float64' "
+                         "(oracle mode)")
+    return dt

@@ -1,0 +1,286 @@
+"""Safetensors files read and written with NumPy alone (no torch, no ``safetensors`` package).
+
+The format (github.com/huggingface/safetensors), all integers little-endian:
+
+    [8 bytes]  n: uint64, the length of the header
+    [n bytes]  a UTF-8 JSON object {name: {"dtype": "BF16", "shape": [r, c], "data_offsets": [begin, end]}, ...}
+               plus an optional "__metadata__": {str: str}; writers pad it with spaces to a multiple of 8
+    [rest]     the raw tensor bytes, row-major; data_offsets count from the end of the header
+
+Every header field is checked before a byte of data is trusted, and a bad file raises CheckpointError naming
+the file and the tensor. Tensor data is read through one read-only np.memmap of the file: ``get`` copies only
+what it must convert (BF16 and F16 upcasts), never the whole file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError
+
+# safetensors dtype -> the NumPy dtype of its bytes as stored (little-endian on disk, whatever the host).
+STORAGE = {
+    "BF16": np.dtype("<u2"),     # bfloat16 bit patterns: the high half of a float32
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "F8_E4M3": np.dtype("u1"),   # FP8 E4M3FN bit patterns, returned raw: the codec lives in ops/quant.py
+    "U8": np.dtype("u1"),
+    "I8": np.dtype("i1"),
+    "I16": np.dtype("<i2"),
+    "I32": np.dtype("<i4"),
+    "I64": np.dtype("<i8"),
+    "BOOL": np.dtype("?"),
+}
+FLOAT_TYPES = ("BF16", "F16", "F32", "F64")
+INT_TYPES = ("I8", "I16", "I32", "I64")
+MAX_HEADER_BYTES = 100 * 2**20   # the safetensors library's own limit; a larger length field is corrupt
+
+
+# ---------------------------------------------------------------------------------------------- bfloat16
+
+def bf16_to_float32(bits):  # uint16 [...] -> float32 [...]
+    """Exact upcast: a bfloat16 is the top half of a float32, so f32_bits = bf16_bits << 16 (inf, NaN too)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+def float32_to_bf16(x):  # float32 [...] -> uint16 [...]
+    """Round float32 to bfloat16 bit patterns, round-to-nearest, ties to even (what torch and ml_dtypes do).
+
+    Adding 0x7FFF plus the lowest kept bit, then dropping the low 16 bits, rounds the 16 dropped bits: below
+    half goes down, above half goes up (a carry into the exponent rounds to the next binade, or to inf past
+    the largest bfloat16), and exactly half goes to the neighbour whose last kept bit is 0. NaN stays NaN:
+    its sign and top payload bits are kept and the quiet bit is set, so truncation cannot turn it into inf.
+    """
+    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # uint64: the sum cannot overflow
+    lsb = (u >> np.uint64(16)) & np.uint64(1)
+    rounded = (u + np.uint64(0x7FFF) + lsb) >> np.uint64(16)
+    is_nan = (u & np.uint64(0x7FFFFFFF)) > np.uint64(0x7F800000)
+    quiet_nan = (u >> np.uint64(16)) | np.uint64(0x0040)
+    return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
+
+
+# ---------------------------------------------------------------------------------------------- reading
+
+class SafetensorsFile:
+    """One validated safetensors file: ``keys()``, ``dtype_of``, ``shape_of``, ``get`` (a NumPy array)."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        try:
+            size = self.path.stat().st_size
+            with open(self.path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise CheckpointError(f"{self.path}: file is {size} bytes, shorter than the 8-byte header "
+                                          "length field: truncated, or not a safetensors file")
+                n = int.from_bytes(head, "little")
+                if n > size - 8 or n > MAX_HEADER_BYTES:
+                    raise CheckpointError(f"{self.path}: corrupt header length: the first 8 bytes say {n} header "
+                                          f"bytes but {size - 8} bytes follow (limit {MAX_HEADER_BYTES}): "
+                                          "truncated, or not a safetensors file")
+                raw = f.read(n)
+        except FileNotFoundError:
+            raise CheckpointError(f"{self.path}: file not found") from None
+        except IsADirectoryError:
+            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        self._data_start = 8 + n
+        self._buffer = None
+        self.metadata, self._entries = _parse_header(self.path, raw, data_size=size - 8 - n)
+
+    def keys(self) -> list:
+        return list(self._entries)
+
+    def __contains__(self, name) -> bool:
+        return name in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _entry(self, name):
+        if name not in self._entries:
+            raise CheckpointError(f"{self.path}: no tensor {name!r} in this file ({len(self._entries)} tensors)")
+        return self._entries[name]
+
+    def dtype_of(self, name) -> str:
+        """The safetensors dtype string, e.g. "BF16", "F8_E4M3"."""
+        return self._entry(name)[0]
+
+    def shape_of(self, name) -> tuple:
+        return self._entry(name)[1]
+
+    def nbytes_of(self, name) -> int:
+        begin, end = self._entry(name)[2]
+        return end - begin
+
+    def raw(self, name):  # -> the stored dtype, host byte order, read-only view of the file where possible
+        """The tensor's stored values without conversion (BF16 as uint16 bit patterns)."""
+        dtype, shape, (begin, end) = self._entry(name)
+        if self._buffer is None:
+            self._buffer = np.memmap(self.path, dtype=np.uint8, mode="r")
+        data = self._buffer[self._data_start + begin:self._data_start + end].view(STORAGE[dtype]).reshape(shape)
+        return data.astype(STORAGE[dtype].newbyteorder("="), copy=False)
+
+    def get(self, name):
+        """The tensor as a NumPy array: BF16 and F16 -> float32 (exact), F32, F64, F8_E4M3 -> uint8 codes,
+        U8, I8, I16, I32, I64, BOOL as stored."""
+        data = self.raw(name)
+        dtype = self._entries[name][0]
+        if dtype == "BF16":
+            return bf16_to_float32(data)
+        if dtype == "F16":
+            return data.astype(np.float32)
+        return data
+
+
+def _reject_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    seen = set()
+    for k in keys:
+        if k in seen:
+            raise _DuplicateKey(k)
+        seen.add(k)
+    return dict(pairs)
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+def _parse_header(path, raw, data_size):
+    """Header bytes -> (metadata, {name: (dtype, shape, (begin, end))}) with every field validated."""
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: corrupt header: not valid UTF-8 JSON ({exc})") from None
+    except _DuplicateKey as exc:
+        raise CheckpointError(f"{path}: corrupt header: key {exc.args[0]!r} appears twice") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt header: a JSON {type(header).__name__}, expected an object "
+                              "{name: {dtype, shape, data_offsets}}")
+    metadata = header.pop("__metadata__", None)
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: corrupt header: '__metadata__' must map strings to strings, got {metadata!r}")
+    entries = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
+    # Offsets must lie inside the data section and no two tensors may share a byte.
+    furthest = None   # (name, begin, end) of the tensor reaching furthest so far, in order of begin
+    for name, (_, _, (begin, end)) in sorted(entries.items(), key=lambda item: item[1][2]):
+        if end > data_size:
+            raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
+                                  f"data section ({data_size} bytes): the file is truncated or its header corrupt")
+        if furthest is not None and begin < furthest[2]:
+            raise CheckpointError(f"{path}: corrupt header: tensors {furthest[0]!r} (bytes {furthest[1]}..{furthest[2]})"
+                                  f" and {name!r} (bytes {begin}..{end}) overlap")
+        if furthest is None or end > furthest[2]:
+            furthest = (name, begin, end)
+    return metadata, entries
+
+
+def _parse_entry(path, name, entry):
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(entry, dict) or not {"dtype", "shape", "data_offsets"} <= set(entry):
+        raise CheckpointError(f"{where}: corrupt header entry {entry!r}: expected an object with 'dtype', 'shape' "
+                              "and 'data_offsets'")
+    dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
+    if dtype not in STORAGE:
+        raise CheckpointError(f"{where}: unsupported dtype {dtype!r}: this reader knows {sorted(STORAGE)}")
+    if not isinstance(shape, list) or not all(_is_count(s) for s in shape):
+        raise CheckpointError(f"{where}: corrupt shape {shape!r}: expected a list of integers >= 0")
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+        raise CheckpointError(f"{where}: corrupt data_offsets {offsets!r}: expected [begin, end], integers >= 0")
+    begin, end = offsets
+    if begin > end:
+        raise CheckpointError(f"{where}: corrupt data_offsets [{begin}, {end}]: begin is past end")
+    expected = math.prod(shape) * STORAGE[dtype].itemsize
+    if end - begin != expected:
+        raise CheckpointError(f"{where}: data_offsets [{begin}, {end}] span {end - begin} bytes but shape {shape} "
+                              f"of {dtype} needs {expected}")
+    return dtype, tuple(shape), (begin, end)
+
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+def write_safetensors(path, tensors, metadata=None):
+    """Write ``{name: (array, dtype_str)}`` as a safetensors file; return its path.
+
+    Encodings: BF16 from float arrays by round-to-nearest-even (float32_to_bf16; float64 is first rounded to
+    float32, so a value within 2^-24 relative of a bfloat16 tie may round twice), F16/F32/F64 by NumPy casts,
+    F8_E4M3 and U8 from uint8 codes, I8/I16/I32/I64 from integers that fit, BOOL from bools. Every input is
+    checked before anything is written, the file is written to a temporary name in the same folder and
+    renamed into place, so a failure never leaves a half-written file (nor replaces a good one).
+    """
+    path = Path(path)
+    items = [_check_item(path, name, value) for name, value in tensors.items()]
+    header = {}
+    if metadata is not None:
+        if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in metadata.items()):
+            raise CheckpointError(f"{path}: metadata must map strings to strings, got {metadata!r}")
+        header["__metadata__"] = dict(metadata)
+    offset = 0
+    for name, array, dtype in items:
+        nbytes = array.size * STORAGE[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)   # pad so the data section starts 8-byte aligned
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot write here ({exc.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(struct.pack("<Q", len(text)))
+            f.write(text)
+            for _, array, dtype in items:
+                f.write(_encode(array, dtype).tobytes())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def _check_item(path, name, value):
+    """Validate one (array, dtype_str) entry; return (name, array, dtype_str)."""
+    where = f"{path}: tensor {name!r}"
+    if not isinstance(name, str) or not name or name == "__metadata__":
+        raise CheckpointError(f"{path}: tensor name {name!r} is not allowed: expected a non-empty string")
+    if not (isinstance(value, tuple) and len(value) == 2):
+        raise CheckpointError(f"{where}: expected a pair (array, dtype string), got {type(value).__name__}")
+    array, dtype = np.asarray(value[0]), value[1]
+    if dtype not in STORAGE:
+        raise CheckpointError(f"{where}: unknown safetensors dtype {dtype!r}: expected one of {sorted(STORAGE)}")
+    kind = array.dtype.kind
+    if dtype in FLOAT_TYPES and kind != "f":
+        raise CheckpointError(f"{where}: {dtype} is written from a float array, got dtype {array.dtype}")
+    if dtype in ("F8_E4M3", "U8") and array.dtype != np.uint8:
+        raise CheckpointError(f"{where}: {dtype} is written from uint8 codes, got dtype {array.dtype}")
+    if dtype == "BOOL" and kind != "b":
+        raise CheckpointError(f"{where}: BOOL is written from a bool array, got dtype {array.dtype}")
+    if dtype in INT_TYPES:
+        if kind not in "iu":
+            raise CheckpointError(f"{where}: {dtype} is written from an integer array, got dtype {array.dtype}")
+        info = np.iinfo(STORAGE[dtype])
+        if array.size and (int(array.min()) < info.min or int(array.max()) > info.max):
+            raise CheckpointError(f"{where}: values [{int(array.min())}, {int(array.max())}] do not fit {dtype}")
+    return name, array, dtype
+
+
+def _encode(array, dtype):  # [...] -> the stored dtype [...], C-contiguous, little-endian
+    if dtype == "BF16":
+        return float32_to_bf16(array.astype(np.float32)).astype(STORAGE["BF16"])
+    return np.ascontiguousarray(array.astype(STORAGE[dtype]))

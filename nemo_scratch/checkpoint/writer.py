@@ -1,0 +1,197 @@
+"""Writing checkpoints in NVIDIA's layout, and random but numerically sane test checkpoints.
+
+A written directory is what NVIDIA ships and ``load_tensors`` reads: config.json, then model.safetensors or
+shards ``model-0000k-of-0000N.safetensors`` with model.safetensors.index.json, and, for a quantized model,
+hf_quant_config.json. Plain weights are stored BF16, except A_log, D and the router's
+e_score_correction_bias, which NVIDIA keeps in F32; NVFP4Weight / FP8Weight become ModelOpt's tensor sets
+(spec 9.2): ``X.weight`` codes + ``X.weight_scale`` (+ ``X.weight_scale_2``, ``X.input_scale``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import CheckpointError, InputError
+from ..ops.quant import FP8Weight, NVFP4Weight
+from .names import check_tensor_set
+from .reader import CONFIG, INDEX, QUANT_CONFIG, SINGLE
+from .safetensors_io import STORAGE, bf16_to_float32, float32_to_bf16, write_safetensors
+from .schema import expected_tensors
+
+# Kept in F32 whatever the float dtype, as NVIDIA ships them (A_log and D feed exp and a skip connection; the
+# router bias only ranks experts, and transformers keeps it fp32 too: _keep_in_fp32_modules_strict).
+F32_SUFFIXES = (".A_log", ".D", ".gate.e_score_correction_bias")
+SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+METADATA = {"format": "pt"}   # transformers refuses a safetensors file whose metadata lacks a format
+
+
+def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwrite=False, float_dtype="BF16"):
+    """Write ``tensors`` ({NVIDIA name: float array | NVFP4Weight | FP8Weight}) and ``cfg`` as a checkpoint.
+
+    The tensors are first checked against ``cfg`` exactly as load_tensors checks a checkpoint (all present, none
+    extra, every logical shape right; the MTP head all or nothing). ``float_dtype`` ("BF16", "F16" or "F32")
+    stores the plain weights; ``quant_config`` (a dict) goes to hf_quant_config.json and to config.json's
+    "quantization_config". ``out_dir`` is created; a non-empty directory that holds no previous checkpoint is
+    refused unless ``overwrite=True``; the files of a previous checkpoint are replaced. Returns ``out_dir``.
+    """
+    out_dir = Path(out_dir)
+    if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
+        raise InputError(f"write_checkpoint: argument shards={shards!r}; expected an integer >= 1")
+    if float_dtype not in ("BF16", "F16", "F32"):
+        raise InputError(f"write_checkpoint: argument float_dtype={float_dtype!r}; expected 'BF16', 'F16' or 'F32'")
+    if quant_config is not None and not isinstance(quant_config, dict):
+        raise InputError(f"write_checkpoint: argument quant_config must be a dict, got {type(quant_config).__name__}")
+    shapes = {name: tuple(np.shape(value)) if not isinstance(value, (NVFP4Weight, FP8Weight)) else value.shape
+              for name, value in tensors.items()}
+    check_tensor_set(cfg, shapes, lambda name: f"write_checkpoint: tensor {name!r}", "write_checkpoint: tensors",
+                     config_name="cfg")
+    groups = [_stored_tensors(name, value, float_dtype) for name, value in tensors.items()]
+    if shards > len(groups):
+        raise InputError(f"write_checkpoint: argument shards={shards} exceeds the {len(groups)} weights to write")
+    stale = _prepare(out_dir, overwrite)
+
+    written = []
+    if shards == 1:
+        written.append(write_safetensors(out_dir / SINGLE, dict(e for g in groups for e in g), METADATA).name)
+    else:
+        weight_map, total = {}, 0
+        for k, part in enumerate(_split(groups, shards)):
+            file_name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
+            entries = dict(e for g in part for e in g)
+            write_safetensors(out_dir / file_name, entries, METADATA)
+            weight_map.update({name: file_name for name in entries})
+            total += sum(_nbytes(array, dtype) for array, dtype in entries.values())
+            written.append(file_name)
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        written.append(INDEX)
+    cfg.save(out_dir)
+    if quant_config is not None:
+        (out_dir / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2) + "\n")
+        written.append(QUANT_CONFIG)
+        config = json.loads((out_dir / CONFIG).read_text())
+        config["quantization_config"] = quant_config
+        (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    for path in stale:   # a previous checkpoint's files this one did not rewrite (old shards, index, quant config)
+        if path.name not in written:
+            path.unlink()
+    return out_dir
+
+
+def _prepare(out_dir: Path, overwrite: bool) -> list:
+    """Create ``out_dir`` or check it may be written; return the previous checkpoint files found there."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"write_checkpoint: out_dir {out_dir} exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    contents = list(out_dir.iterdir())
+    previous = (out_dir / CONFIG).is_file() and ((out_dir / SINGLE).is_file() or (out_dir / INDEX).is_file())
+    if contents and not previous and not overwrite:
+        raise InputError(f"write_checkpoint: out_dir {out_dir} is not empty and holds no previous checkpoint "
+                         f"({CONFIG} with {SINGLE} or {INDEX}); refusing to write into it (pass overwrite=True)")
+    return [p for p in contents if p.name in (SINGLE, INDEX, QUANT_CONFIG) or SHARD_NAME.fullmatch(p.name)]
+
+
+def _stored_tensors(name, value, float_dtype) -> list:
+    """One logical weight -> its stored [(name, (array, safetensors dtype))], ModelOpt sets expanded."""
+    base = name[:-len("weight")] if name.endswith(".weight") else None
+    if isinstance(value, (NVFP4Weight, FP8Weight)) and base is None:
+        raise CheckpointError(f"write_checkpoint: tensor {name!r} is {type(value).__name__}, but only a "
+                              "'.weight' can be stored quantized")
+    if isinstance(value, NVFP4Weight):
+        out, cols = value.shape[-2:]
+        if np.shape(value.block_scale) != (out, cols // 16) or cols % 16:
+            raise CheckpointError(f"write_checkpoint: tensor {name!r}: NVFP4 block_scale has shape "
+                                  f"{list(np.shape(value.block_scale))}, expected [{out}, {cols // 16}] (one scale "
+                                  f"per 16 of the {cols} inputs, a multiple of 16)")
+        stored = [(name, (value.packed, "U8")), (base + "weight_scale", (value.block_scale, "F8_E4M3")),
+                  (base + "weight_scale_2", (_scalar(name, value.global_scale), "F32"))]
+    elif isinstance(value, FP8Weight):
+        stored = [(name, (value.data, "F8_E4M3")), (base + "weight_scale", (_scalar(name, value.scale), "F32"))]
+    else:
+        return [(name, (np.asarray(value), "F32" if name.endswith(F32_SUFFIXES) else float_dtype))]
+    if value.input_scale is not None:
+        stored.append((base + "input_scale", (_scalar(name, value.input_scale), "F32")))
+    return stored
+
+
+def _scalar(name, value):
+    array = np.asarray(value)
+    if array.size != 1 or array.dtype.kind != "f":
+        raise CheckpointError(f"write_checkpoint: tensor {name!r}: a quantization scale must be one float, got "
+                              f"{array.dtype} of shape {list(array.shape)}")
+    return array.astype(np.float32).reshape(())
+
+
+def _nbytes(array, dtype) -> int:
+    return int(np.size(array)) * STORAGE[dtype].itemsize
+
+
+def _split(groups, shards) -> list:
+    """Cut the weights, in order, into ``shards`` non-empty parts of about equal bytes (a quantized weight's
+    tensors stay together)."""
+    sizes = [sum(_nbytes(array, dtype) for _, (array, dtype) in g) for g in groups]
+    total, done, parts = sum(sizes), 0, [[]]
+    for i, (group, size) in enumerate(zip(groups, sizes)):
+        shards_left = shards - len(parts)
+        if parts[-1] and shards_left and (len(groups) - i <= shards_left or done >= total * len(parts) / shards):
+            parts.append([])
+        parts[-1].append(group)
+        done += size
+    return parts
+
+
+# ---------------------------------------------------------------------------------------------- random models
+
+NORM_ROLES = ("norm", "norm_f", "gated_norm", "enorm", "hnorm", "final_layernorm")
+# Projections writing into the residual stream: scaled by 1/sqrt(2 * layers) (GPT-2 / Megatron init).
+RESIDUAL_ROLES = ("out_proj", "o_proj", "mlp_down", "expert_down", "shared_down")
+
+
+def random_tensors(cfg, seed=0) -> dict:
+    """A random but numerically sane float32 model for ``cfg`` ({NVIDIA name: array}, MTP head included when
+    cfg.num_nextn_predict_layers > 0). Values that write_checkpoint stores as BF16 are rounded to bfloat16
+    here, so a default write + load_tensors round trip returns exactly these arrays."""
+    rng = np.random.default_rng(seed)
+    residual_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
+    tensors = {}
+    for spec in expected_tensors(cfg):
+        def normal(std):
+            return rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
+
+        if spec.role == "embedding":
+            value = normal(1.0)
+        elif spec.role in NORM_ROLES:
+            value = np.float32(1.0) + normal(0.1)        # not all ones, so the norm weights are exercised
+        elif spec.role == "A_log":
+            # A = -exp(A_log) in [-16, -1]  (the Mamba-2 init)
+            value = np.log(rng.uniform(1.0, 16.0, spec.shape)).astype(np.float32)
+        elif spec.role == "D":
+            value = np.ones(spec.shape, dtype=np.float32)
+        elif spec.role == "dt_bias":
+            # dt ~ log-uniform[time_step_min, time_step_max]; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))
+            dt = np.exp(rng.uniform(math.log(cfg.time_step_min), math.log(cfg.time_step_max), spec.shape))
+            value = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+        elif spec.role == "conv":
+            value = normal(0.3)
+        elif spec.role == "conv_bias":
+            value = normal(0.1)
+        elif spec.role == "gate_bias":
+            value = normal(0.02)
+        elif spec.role in RESIDUAL_ROLES:
+            value = normal(residual_std)
+        else:   # in_proj, q/k/v, up projections, router, latent projections, eh_proj, lm_head
+            value = normal(0.02)
+        if not spec.name.endswith(F32_SUFFIXES):
+            value = bf16_to_float32(float32_to_bf16(value))
+        tensors[spec.name] = value
+    return tensors
+
+
+def make_random_checkpoint(out_dir, cfg, seed=0, shards=1, **write_options) -> Path:
+    """write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards): a loadable test checkpoint."""
+    return write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards=shards, **write_options)
