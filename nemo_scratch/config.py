@@ -348,7 +348,7 @@ PRESETS = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
         mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
         n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
-        moe_shared_expert_intermediate_size=24, moe_latent_size=16, n_group=2, topk_group=1,
+        moe_shared_expert_intermediate_size=32, moe_latent_size=16, n_group=2, topk_group=1,
         routed_scaling_factor=2.5, intermediate_size=48, num_nextn_predict_layers=1,
         mtp_hybrid_override_pattern="*E", max_position_embeddings=512,
     ),

@@ -75,8 +75,7 @@ def test_header_length_past_the_end(tmp_path):
                                             (b'{"__metadata__": {"k": 1}}', "__metadata__")])
 def test_corrupt_header(tmp_path, header, needle):
     path = raw_file(tmp_path / "c.safetensors", header)
-    raises(CheckpointError, lambda: SafetensorsFile(path), path, "corrupt header" if "JSON" not in needle else "",
-           needle)
+    raises(CheckpointError, lambda: SafetensorsFile(path), path, "corrupt header", needle)
 
 
 @pytest.mark.parametrize("entry, needle", [

@@ -201,7 +201,10 @@ def test_nvfp4_and_fp8_round_trip(tmp_path, tiny_tensors):
     assert (r.dtype_of(nvfp4_name), r.shape_of(nvfp4_name)) == ("U8", (out, cols // 2))
     assert (r.dtype_of(base + "weight_scale"), r.dtype_of(base + "weight_scale_2"), r.shape_of(base + "weight_scale_2")) \
         == ("F8_E4M3", "F32", ())
-    assert r.quant_config == quant and r.raw_config["quantization_config"] == quant
+    assert r.quant_config == quant
+    # config.json holds the flat form transformers and vLLM read
+    assert r.raw_config["quantization_config"] == {"quant_method": "modelopt", **quant["quantization"],
+                                                   "producer": quant.get("producer")}
     _, got, info = load_tensors(tmp_path / "q")
     assert info["formats"][nvfp4_name] == "nvfp4" and info["formats"][fp8_name] == "fp8"
     assert isinstance(got[nvfp4_name], NVFP4Weight) and got[nvfp4_name].shape == (out, cols)

@@ -111,6 +111,13 @@ def test_nvidia_names_match_the_schema_and_round_trip(trained):
     torch.testing.assert_close(got[2], ref[2], rtol=0, atol=0)
 
 
+def test_fit_steps_cuts_the_count_to_the_budget():
+    # 2 s/step measured between steps 10 and 50; 500 s left of 10 min -> 0.95 * 250 more steps
+    assert tt.fit_steps(600, 50, 100.0, (10, 20.0), minutes=10) == 50 + 237
+    assert tt.fit_steps(100, 50, 100.0, (10, 20.0), minutes=10) == 100   # never more than asked
+    assert tt.lr_at(49, 600, 1e-3, 50) == tt.lr_at(49, 287, 1e-3, 50)    # warm-up ignores the total
+
+
 def test_hf_config_has_our_geometry():
     cfg = tt.nemotron_config()
     hf = tt.hf_config(cfg)
@@ -148,4 +155,15 @@ def test_shipped_checkpoint_files():
             f32 = name.endswith(("A_log", ".D", "e_score_correction_bias"))
             assert t.get_dtype() == ("F32" if f32 else "BF16"), name
     assert (SHIPPED / "model.safetensors").stat().st_size < 12_000_000
+
+
+def test_shipped_checkpoint_reads_with_our_loader():
+    from nemo_scratch.checkpoint.reader import load_tensors
+
+    cfg, tensors, info = load_tensors(SHIPPED)
+    assert info["mtp"] and cfg.num_nextn_predict_layers == 1
+    assert set(info["formats"].values()) == {"bf16", "f32"}
+    assert all(v.dtype == np.float32 and np.isfinite(v).all() for v in tensors.values())
+    # the router bias was trained (aux-loss-free balancing), not left at zero
+    assert np.abs(tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"]).max() > 0
     assert "Return the " in (SHIPPED / "TRAINING.md").read_text()

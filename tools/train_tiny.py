@@ -15,7 +15,7 @@ nemotron_h_mtp.py / Megatron MultiTokenPredictionLayer):
     logits_mtp = lm_head(h1)                                         # predicts token t+2
     loss = CE(main) + mtp_weight * CE(mtp)
 
-    python tools/train_tiny.py --steps 600 --minutes 25 --out nemo_scratch/data/nemotron3-tiny
+    python tools/train_tiny.py --steps 600 --minutes 20 --out nemo_scratch/data/nemotron3-tiny
     python tools/train_tiny.py --verify nemo_scratch/data/nemotron3-tiny       # load back with transformers
 
 Deviation: transformers 5.23's Mamba mixer floors dt at time_step_min (time_step_limit = (time_step_min,
@@ -211,6 +211,16 @@ def evaluate(model, mtp, data, batches, batch, seq, seed):
     return main / batches, extra / batches, acc / batches
 
 
+def fit_steps(steps, step, elapsed, since, minutes):
+    """Steps that fit the time budget, from the pace since step ``since``; called once, at the end of warm-up.
+
+    The learning-rate schedule does not depend on the total step count during warm-up, so a run whose count is
+    fitted at that point equals a run started with that count: rerun with ``--steps N --no-fit`` to reproduce.
+    """
+    pace = max(1e-6, (elapsed - since[1]) / max(1, step - since[0]))    # seconds per step, start-up excluded
+    return min(steps, step + int(0.95 * (60 * minutes - elapsed) / pace))
+
+
 def train(cfg, data, args, log=print):
     """Train; returns (model, mtp, history). history rows: (step, seconds, lr, main CE, MTP CE)."""
     torch.set_num_threads(args.threads)
@@ -222,9 +232,9 @@ def train(cfg, data, args, log=print):
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     routers, loads = track_router_loads([model, mtp])
     rng = np.random.default_rng(args.seed)
-    history, start = [], time.perf_counter()
-    for step in range(args.steps):
-        lr = lr_at(step, args.steps, args.lr, args.warmup)
+    history, start, steps, step = [], time.perf_counter(), args.steps, 0
+    while step < steps:
+        lr = lr_at(step, steps, args.lr, args.warmup)
         for group in opt.param_groups:
             group["lr"] = lr
         window = sample_windows(data, args.batch, args.seq + 2, rng)
@@ -235,12 +245,16 @@ def train(cfg, data, args, log=print):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         balance_router_bias(routers, loads, args.bias_rate)
-        elapsed = time.perf_counter() - start
-        history.append((step + 1, elapsed, lr, main.item(), extra.item()))
-        if (step + 1) % args.log_every == 0 or step == 0:
-            log(f"step {step + 1:5d}  {elapsed:7.1f}s  lr {lr:.2e}  main {main.item():.4f}  mtp {extra.item():.4f}")
+        step, elapsed = step + 1, time.perf_counter() - start
+        history.append((step, elapsed, lr, main.item(), extra.item()))
+        if step % args.log_every == 0 or step == 1:
+            log(f"step {step:5d}  {elapsed:7.1f}s  lr {lr:.2e}  main {main.item():.4f}  mtp {extra.item():.4f}")
+        if step == args.warmup and args.fit:
+            k = min(10, step // 2)                                        # pace measured from step k
+            steps = fit_steps(steps, step, elapsed, history[k - 1][:2] if k else (0, 0.0), args.minutes)
+            log(f"step count fitted to --minutes {args.minutes}: {steps} (reproduce: --steps {steps} --no-fit)")
         if elapsed > 60 * args.minutes:
-            log(f"stopping at step {step + 1}: --minutes {args.minutes} reached")
+            log(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
     model.eval(), mtp.eval()
     return model, mtp, history
@@ -449,7 +463,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=ROOT / "nemo_scratch/data/nemotron3-tiny")
     p.add_argument("--steps", type=int, default=600)
-    p.add_argument("--minutes", type=float, default=25.0, help="stop (and save) after this much training time")
+    p.add_argument("--minutes", type=float, default=20.0,
+                   help="training time budget: --steps is cut to fit it at the end of warm-up (see fit_steps), "
+                        "and training stops (and saves) when it runs out")
+    p.add_argument("--no-fit", dest="fit", action="store_false", help="keep --steps whatever the budget")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)

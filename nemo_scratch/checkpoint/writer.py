@@ -18,6 +18,7 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError
 from ..ops.quant import FP8Weight, NVFP4Weight
+from .modelopt import config_json_entry
 from .names import check_tensor_set
 from .reader import CONFIG, INDEX, QUANT_CONFIG, SINGLE
 from .safetensors_io import STORAGE, bf16_to_float32, float32_to_bf16, write_safetensors
@@ -75,7 +76,8 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
         (out_dir / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2) + "\n")
         written.append(QUANT_CONFIG)
         config = json.loads((out_dir / CONFIG).read_text())
-        config["quantization_config"] = quant_config
+        # config.json carries the flat form transformers and vLLM read (quant_method "modelopt")
+        config["quantization_config"] = config_json_entry(quant_config)
         (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     for path in stale:   # a previous checkpoint's files this one did not rewrite (old shards, index, quant config)
         if path.name not in written:
