@@ -287,12 +287,8 @@ def test_safetensors_library_agrees(tmp_path):
 def hf_model():
     torch = pytest.importorskip("torch", reason="transformers' NemotronHForCausalLM is the oracle (extra 'oracle')")
     transformers = pytest.importorskip("transformers", reason="transformers is the oracle (extra 'oracle')")
-    raw = TINY.to_dict()
-    # Finite on purpose: config.json's time_step_limit (0, inf) is written by transformers as
-    # {"__float__": "Infinity"}, which NemotronConfig cannot parse yet (reported to the lead).
-    raw["time_step_limit"] = (0.0, 1e4)
     torch.manual_seed(0)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**raw)).eval()
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**TINY.to_dict())).eval()
     return torch, model
 
 
@@ -310,6 +306,7 @@ def test_transformers_saved_checkpoint_loads_with_the_same_values(tmp_path, hf_m
     model.to(torch.float32)
     assert open_checkpoint(tmp_path).dtype_of("lm_head.weight") == {"float32": "F32", "bfloat16": "BF16"}[torch_dtype]
     cfg, tensors, info = load_tensors(tmp_path)
+    assert cfg.to_dict()["time_step_limit"] == [0.0, float("inf")]        # transformers' {"__float__": ...} tag
     assert cfg.hidden_size == TINY.hidden_size and info["mtp"] is False   # transformers drops MTP
     ours = to_transformers(tensors)
     assert ours.keys() == ref.keys()
@@ -338,8 +335,7 @@ def test_transformers_loads_what_we_write(tmp_path, hf_model, tiny_tensors):
     import transformers
 
     no_mtp = {n: v for n, v in tiny_tensors.items() if not n.startswith("mtp.")}
-    write_checkpoint(tmp_path, TINY, no_mtp)
-    model.config.save_pretrained(tmp_path)   # see hf_model: our config.json's "inf" is for NemotronConfig only
+    write_checkpoint(tmp_path, TINY, no_mtp)   # our config.json and safetensors, read by transformers
     loaded = transformers.NemotronHForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
     ref = to_transformers(no_mtp)
     for name, value in _state_dict_numpy(loaded).items():

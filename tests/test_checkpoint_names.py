@@ -98,9 +98,7 @@ def test_names_round_trip_for_any_config(cfg):
 def test_transformers_names_are_the_state_dict_keys(cfg):
     # transformers always builds a shared expert (a size of 0 falls back to intermediate_size); "0 = none" is ours
     transformers = pytest.importorskip("transformers", reason="transformers is the oracle (extra 'oracle')")
-    raw = cfg.to_dict()
-    raw["time_step_limit"] = (0.0, 1e4)   # transformers rejects our "inf" string (reported to the lead)
-    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**raw))
+    model = transformers.NemotronHForCausalLM(transformers.NemotronHConfig(**cfg.to_dict()))
     ours = {n: v.shape for n, v in to_transformers(random_tensors(cfg)).items() if not n.startswith("mtp.")}
     theirs = {n: tuple(p.shape) for n, p in model.state_dict().items()}
     assert ours == theirs

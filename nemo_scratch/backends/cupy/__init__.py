@@ -29,7 +29,15 @@ KERNELS = {
     "causal_conv1d_step": ("conv", "causal_conv1d_step_cupy"),
     "ssd_scan": ("ssd", "ssd_scan_chunked_cupy"),
     "ssd_step": ("ssd", "ssd_step_cupy"),
-    # -- attention, MoE routing and experts, NVFP4/FP8 matmuls: their rows go here
+    # -- issue 8: attention, MoE routing and experts, NVFP4/FP8 matmuls
+    "gqa_attention": ("attention", "gqa_attention_cupy"),
+    "gqa_decode": ("attention", "gqa_decode_cupy"),
+    "route": ("moe", "route_cupy"),
+    "moe_experts": ("moe", "moe_experts_cupy"),
+    "linear": ("quant", "linear_cupy"),
+    "nvfp4_dequantize": ("quant", "nvfp4_dequantize_cupy"),
+    "nvfp4_matmul": ("quant", "nvfp4_matmul_cupy"),
+    "fp8_matmul": ("quant", "fp8_matmul_cupy"),
 }
 
 

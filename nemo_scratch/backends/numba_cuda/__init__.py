@@ -55,7 +55,9 @@ class NumbaBackend(NumpyBackend):
 
     # -- arrays
     def _asarray(self, a):
-        return self.xp.asarray(a)
+        # Loading onto the "device": a copy, like a host-to-device upload. Under the simulator this also
+        # makes read-only (memory-mapped) checkpoint weights writable, which the simulator's copy-back needs.
+        return np.array(a) if self.xp is np else self.xp.asarray(a)
 
     def to_numpy(self, a):
         if self.xp is not np and isinstance(a, self.xp.ndarray):

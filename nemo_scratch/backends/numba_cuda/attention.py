@@ -18,7 +18,8 @@ Versions:
   No v2: the per-thread dot products over dh are the simple form; a warp-per-row layout (lanes split dh,
   shuffle reductions) is the known next step, but the simulator the tests run on has no shuffles.
 Build:      @cuda.jit(fastmath=False); float32 compute and state; float64 (oracle mode) runs the reference.
-            The head dim sets the size of two per-thread arrays: kernels are built per power of two >= dh.
+            The head dim sets the size of two per-thread arrays: kernels are built per power of two >= dh;
+            past dh = 192 a tile holds fewer keys (48 KiB of shared memory), past 6144 the reference runs.
 """
 
 import math
@@ -38,6 +39,7 @@ SIM = simulator_enabled()
 TILE_K = 4 if SIM else 32
 ROWS = 8 if SIM else 64
 SPLIT_KEYS = 2 * TILE_K if SIM else 256
+SMEM_BYTES = 48 * 1024  # dynamic shared memory a block may use without an opt-in
 
 
 @lru_cache(maxsize=None)
@@ -45,9 +47,9 @@ def attention_v1_tiled(dh_cap):
     """The tiled online-softmax kernel for head dims <= dh_cap; see the header."""
 
     @cuda.jit(**JIT)
-    def kernel(q, k, v, m_part, l_part, acc_part, split_keys, causal, normalize, scale):
+    def kernel(q, k, v, m_part, l_part, acc_part, split_keys, tile_k, causal, normalize, scale):
         # q [b,t,q,dh], k/v [b,s,kv,dh] -> m_part/l_part [b,t,q,n_split], acc_part [b,t,q,n_split,dh]
-        kv_tiles = cuda.shared.array(0, float32)  # dynamic: K tile [TILE_K, dh] then V tile [TILE_K, dh]
+        kv_tiles = cuda.shared.array(0, float32)  # dynamic: K tile [tile_k, dh] then V tile [tile_k, dh]
         q_row = cuda.local.array(dh_cap, float32)
         acc = cuda.local.array(dh_cap, float32)
         scores = cuda.local.array(TILE_K, float32)
@@ -76,16 +78,16 @@ def attention_v1_tiled(dh_cap):
                 acc[d] = float32(0.0)
         m = float32(-math.inf)
         l_sum = float32(0.0)
-        k_tile = kv_tiles[:TILE_K * dh]
-        v_tile = kv_tiles[TILE_K * dh:2 * TILE_K * dh]
-        for j0 in range(key_lo, key_hi, TILE_K):
-            # stage keys j0 .. j0+TILE_K-1 of kv head kvh (all threads help, active or not)
-            for e in range(cuda.threadIdx.x, TILE_K * dh, cuda.blockDim.x):
+        k_tile = kv_tiles[:tile_k * dh]
+        v_tile = kv_tiles[tile_k * dh:2 * tile_k * dh]
+        for j0 in range(key_lo, key_hi, tile_k):
+            # stage keys j0 .. j0+tile_k-1 of kv head kvh (all threads help, active or not)
+            for e in range(cuda.threadIdx.x, tile_k * dh, cuda.blockDim.x):
                 j = j0 + e // dh
                 k_tile[e] = k[bb, j, kvh, e % dh] if j < key_hi else float32(0.0)
                 v_tile[e] = v[bb, j, kvh, e % dh] if j < key_hi else float32(0.0)
             cuda.syncthreads()
-            n_keys = min(TILE_K, row_hi - j0)
+            n_keys = min(tile_k, row_hi - j0)
             if active and n_keys > 0:
                 # s_j = (q . k_j) * dh**-0.5
                 m_new = m
@@ -139,6 +141,11 @@ def attention_merge_v1(m_part, l_part, acc_part, out):
         out[bb, i_q, head, d] = num / den
 
 
+def _tile_keys(dh):
+    """Keys a tile: TILE_K, fewer when K and V tiles of TILE_K keys would pass 48 KiB of shared memory."""
+    return max(1, min(TILE_K, SMEM_BYTES // (2 * 4 * dh)))
+
+
 def _block_rows(rows):
     """Threads a block: ROWS, or fewer for a small problem (a whole number of warps on a GPU)."""
     if SIM:
@@ -153,18 +160,20 @@ def _attention(q, k, v, causal, split_keys):  # [b,t,q,dh], [b,s,kv,dh] x2 -> [b
     b, t, nq, dh = q.shape
     s, nkv = k.shape[1], k.shape[2]
     n_split = cdiv(s, split_keys)
+    if b * t * nq * dh == 0:
+        return xp.zeros((b, t, nq, dh), dtype=np.float32)
+    if 2 * 4 * dh > SMEM_BYTES:  # dh > 6144: not even one key's K and V rows fit shared memory
+        return attention_ref.gqa_attention(q, k, v, causal)
     m_part = xp.empty((b, t, nq, n_split), dtype=np.float32)
     l_part = xp.empty((b, t, nq, n_split), dtype=np.float32)
     acc_part = xp.empty((b, t, nq, n_split, dh), dtype=np.float32)
-    if acc_part.size == 0:
-        return acc_part.reshape(b, t, nq, n_split * dh)[..., :dh]
     rows = t * (nq // nkv)
     threads = _block_rows(rows)
-    dh_cap = 1 << max(0, dh - 1).bit_length()
+    dh_cap = 1 << (dh - 1).bit_length()
+    tile_k = _tile_keys(dh)
     grid = (n_split, cdiv(rows, threads), b * nkv)
-    smem_bytes = 2 * TILE_K * dh * 4
-    attention_v1_tiled(dh_cap)[grid, threads, 0, smem_bytes](
-        q, k, v, m_part, l_part, acc_part, split_keys, bool(causal), n_split == 1, np.float32(dh ** -0.5))
+    attention_v1_tiled(dh_cap)[grid, threads, 0, 2 * tile_k * dh * 4](
+        q, k, v, m_part, l_part, acc_part, split_keys, tile_k, bool(causal), n_split == 1, np.float32(dh ** -0.5))
     if n_split == 1:
         return acc_part.reshape(b, t, nq, dh)
     out = xp.empty((b, t, nq, dh), dtype=np.float32)

@@ -1,26 +1,30 @@
 """NVFP4 / FP8 weights in Numba-CUDA: the one E2M1/E4M3 decode, dequantisation, and the fused matmuls.
 
-Reference:  nemo_scratch.ops.quant.e2m1_decode, e4m3_decode, nvfp4_dequantize, nvfp4_matmul, fp8_matmul
-Test:       tests/test_backend_numba_core.py::test_decode_*, ::test_nvfp4_dequantize_*, ::test_quant_matmul_*
-Tolerance:  decodes and dequantisation bit-exact (np.array_equal); matmuls ("kernel_quant_matmul", float32)
+Reference:  nemo_scratch.ops.quant.e2m1_decode, e4m3_decode, nvfp4_dequantize, nvfp4_matmul, fp8_matmul;
+            nemo_scratch.ops.linear.linear (packed weights go to the kernels here)
+Test:       tests/test_backend_numba_core.py::test_decode_every_code_bit_exact, ::test_nvfp4_dequantize_bit_exact,
+            ::test_quant_matmul_matches_reference, ::test_mlp_with_packed_weights, ::test_kernels_compile_for_sm90
+Tolerance:  decodes and dequantisation bit-exact (bit patterns compared); matmuls ("kernel_quant_matmul", float32)
 Versions:
-  e2m1_value / e4m3_value   THE device decode every kernel uses (here, in moe.py, in attention-free GEMMs):
-                            the value is rebuilt from the bit fields (sign, exponent, mantissa) as an exact
-                            integer times a power of two; E4M3 subnormals (e = 0) and NaN (0x7F/0xFF) included.
+  e2m1_value / e4m3_value   THE device decode of the package (every kernel here and the expert GEMMs of
+                            moe.py call it): the value is rebuilt from the bit fields as an exact integer times
+                            a power of two; E4M3 subnormals (exp = 0) and NaN (0x7F/0xFF) included.
+                            minifloat_decode_v1 runs it over an array of codes (the bit-exact test of it).
   nvfp4_dequantize_v1_naive one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale,
-                            multiplied in that order (e2m1 * scale is exact, so there is one rounding, as in
-                            the reference).
+                            multiplied in that order (e2m1 * scale is exact, so the one rounding is the last
+                            multiply, as in the reference).
   matmul_v1_tiled           out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of
                             group g (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W
                             tiles staged in shared memory, W decoded element by element on its way in. A
                             plain matmul is one group; moe.py runs every expert as a group (grouped GEMM).
   matmul_v2_gemv            m <= GEMV_ROWS rows of x (decode, batch 1): one block per output feature, the
-                            threads stride over the input width (coalesced reads of the packed weight),
-                            decode in registers, and a shared-memory tree reduction. Clearly better than v1
-                            there: v1 would keep TILE-1 of its TILE rows of threads idle, this uses them all.
+                            threads stride over the input width (coalesced reads of the packed weight), decode
+                            in registers, a shared-memory tree reduction. Why: at m = 1, v1 keeps TILE-1 of
+                            its TILE thread rows idle in the inner products; v2 puts every thread on the dot
+                            product. (Reasoned, not yet timed: no GPU was available when it was written.)
   The weight formats are device functions with one signature, fetch(wa, wb, wc, g, n, kk) -> W_g[n, kk]:
-  dense (wa float32 [g,out,in]), NVFP4 (packed, block_scale, global_scale), FP8 (data, -, scale); each kernel
-  is built once per format (a closure over the fetch function, compiled by numba as a constant).
+  dense (wa float32 [g,out,in]), NVFP4 (packed, block_scale, global_scale), FP8 (data, -, scale); each matmul
+  kernel is built once per format (a closure over its fetch function, which numba compiles in as a constant).
 Build:      @cuda.jit(fastmath=False); float32 compute. float64 x (oracle mode) runs the reference on xp.
 """
 
