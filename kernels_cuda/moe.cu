@@ -2,7 +2,8 @@
 //
 // Reference: nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
 // Test:      tests/test_backend_cupy_core.py (test_route_*, test_moe_experts_*)
-// Tolerance: ("kernel_router", "float32") (selection compared exactly), ("kernel_moe", "float32")
+// Tolerance: ("kernel_router", "float32") (selection compared exactly, near-ties within float32 rounding
+//            excepted), ("kernel_moe", "float32")
 // Launcher:  nemo_scratch/backends/cupy/moe.py (route_cupy, moe_experts_cupy)
 // Versions:
 //   route_v1_block        one block per ROUTER_TOKENS tokens: the float32 logits (one warp per expert, every

@@ -7,12 +7,12 @@
 // Launcher:  nemo_scratch/backends/cupy/ssd.py (ssd_scan_chunked_cupy, ssd_step_cupy)
 // Versions (the prefill is four kernels, one per step of the SSD block decomposition, spec section 3.1):
 //   ssd_chunk_state_v1_naive    step 5: the state each chunk produces from zero, one block per
-//                               (head, chunk, batch), one thread per (p, n) output at a time.
-//   ssd_state_passing_v1_naive  step 6: the inter-chunk recurrence, one thread per (b, h, p, n) walking
+//                               (head, chunk, batch), one thread per (n, p) output at a time.
+//   ssd_state_passing_v1_naive  step 6: the inter-chunk recurrence, one thread per (b, h, n, p) walking
 //                               the chunks in order; also writes the final state.
 //   ssd_chunk_cb_v1_naive       step 4's C.B^T, once per (group, chunk, batch) and shared by the h/g
 //                               heads of the group (the dot product does not depend on the head).
-//   ssd_chunk_scan_v1_naive     steps 4, 7, 8: y = masked-decay(CB) x + exp(cumsum) C.state + D x; one
+//   ssd_chunk_scan_v1_naive     steps 3, 4, 7, 8: y = (CB * L) Xd + exp(Acum) C.state + D x; one
 //                               block per (head, chunk, batch), a tile of l_tile rows of the decay-masked
 //                               matrix in shared memory at a time.
 //   ssd_step_v1_naive           decode: one warp per state row (b, h, p); lanes stride over n; the new
@@ -22,9 +22,11 @@
 // Layouts (row-major, contiguous, float32):
 //   x [b,t,h,p]  dt [b,t,h] (already discretized)  A [h] (< 0)  B, C [b,t,g,n]  D [h] or nullptr
 //   initial_state [b,h,p,n] or nullptr   y [b,t,h,p]   final_state [b,h,p,n]
-//   scratch: chunk_states [b,nc,h,p,n], chunk_log_decay [b,h,nc], cb [b,nc,g,chunk,chunk]
+//   scratch: chunk_states [b,nc,h,n,p], chunk_log_decay [b,h,nc], cb [b,nc,g,chunk,chunk]
 // with nc = ceil(t / chunk). The last chunk may be partial (q_len < chunk): every loop is bounded by
 // q_len, which equals the reference's zero padding (padded steps have x = 0 and dt = 0).
+// chunk_states keeps p fastest (the transpose of the [.., p, n] state): the chunk scan's lanes run over p,
+// so its reads of the state entering a chunk are coalesced.
 // Head hh reads group hh / (h / g) (repeat-interleave). Offsets are long long (products exceed 2^31).
 // Blocks have a multiple of 32 threads (the cumsum uses a full warp).
 #include "common.cuh"
@@ -54,7 +56,7 @@ __device__ void ssd_chunk_cumsum(const float* __restrict__ dt, float A_h, long l
 }
 
 // Step 5, per (head hh, chunk ci, batch b) = (blockIdx.x, blockIdx.y, blockIdx.z):
-//   chunk_states[b,ci,hh,p,n] = sum_l B[l,n] * exp(acum[last] - acum[l]) * dt[l] * x[l,p]
+//   chunk_states[b,ci,hh,n,p] = sum_l B[l,n] * exp(acum[last] - acum[l]) * dt[l] * x[l,p]
 //   chunk_log_decay[b,hh,ci]  = acum[last]
 // Dynamic shared memory: 3 * chunk floats.
 extern "C" __global__ void ssd_chunk_state_v1_naive(
@@ -83,7 +85,7 @@ extern "C" __global__ void ssd_chunk_state_v1_naive(
     const long long B_step = (long long)n_groups * d_state;   // one time step in B
     float* states_out = chunk_states + ((b * n_chunks + ci) * n_heads + hh) * head_dim * d_state;
     for (int e = threadIdx.x; e < head_dim * d_state; e += blockDim.x) {
-        const int p = e / d_state, n = e % d_state;
+        const int n = e / head_dim, p = e % head_dim;
         float acc = 0.0f;
         for (int l = 0; l < q_len; ++l) acc += B_bg[l * B_step + n] * to_end[l] * x_bh[l * x_step + p];
         states_out[e] = acc;
@@ -91,10 +93,10 @@ extern "C" __global__ void ssd_chunk_state_v1_naive(
     if (threadIdx.x == 0) chunk_log_decay[(b * n_heads + hh) * n_chunks + ci] = acum_last;
 }
 
-// Step 6, one thread per (b, hh, p, n) = idx (initial_state / final_state flat index):
-//   s = initial_state (or 0);  for ci: chunk_states[ci] <- s (the state entering chunk ci);
-//                                     s = exp(chunk_log_decay[ci]) * s + (state chunk ci produced)
-//   final_state = s
+// Step 6, one thread per (b, hh, n, p) = idx (the chunk_states order, p fastest):
+//   s = initial_state[b,hh,p,n] (or 0);  for ci: chunk_states[ci] <- s (the state entering chunk ci);
+//                                               s = exp(chunk_log_decay[ci]) * s + (state chunk ci produced)
+//   final_state[b,hh,p,n] = s
 // chunk_states is rewritten in place: each entry is read once, then overwritten by the same thread.
 extern "C" __global__ void ssd_state_passing_v1_naive(
     float* __restrict__ chunk_states, const float* __restrict__ chunk_log_decay,
@@ -103,18 +105,20 @@ extern "C" __global__ void ssd_state_passing_v1_naive(
     const long long state_size = (long long)head_dim * d_state;
     const long long idx = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (idx >= (long long)n_batch * n_heads * state_size) return;
-    const long long pn = idx % state_size;
+    const long long np_ = idx % state_size;                     // n * head_dim + p
     const int hh = (int)((idx / state_size) % n_heads);
     const long long b = idx / (state_size * n_heads);
+    const int n = (int)(np_ / head_dim), p = (int)(np_ % head_dim);
+    const long long state_bhpn = (b * n_heads + hh) * state_size + (long long)p * d_state + n;  // [b,hh,p,n]
 
-    float s = initial_state ? initial_state[idx] : 0.0f;
+    float s = initial_state ? initial_state[state_bhpn] : 0.0f;
     for (int ci = 0; ci < n_chunks; ++ci) {
-        const long long off = ((b * n_chunks + ci) * n_heads + hh) * state_size + pn;
+        const long long off = ((b * n_chunks + ci) * n_heads + hh) * state_size + np_;
         const float produced = chunk_states[off];
         chunk_states[off] = s;
         s = expf(chunk_log_decay[(b * n_heads + hh) * n_chunks + ci]) * s + produced;
     }
-    final_state[idx] = s;
+    final_state[state_bhpn] = s;
 }
 
 // Step 4's contraction over n, per (group gg, chunk ci, batch b) = (blockIdx.x, blockIdx.y, blockIdx.z):
@@ -141,12 +145,12 @@ extern "C" __global__ void ssd_chunk_cb_v1_naive(
     }
 }
 
-// Steps 4, 7, 8 per (head hh, chunk ci, batch b) = (blockIdx.x, blockIdx.y, blockIdx.z), prev = the
+// Steps 3, 4, 7, 8 per (head hh, chunk ci, batch b) = (blockIdx.x, blockIdx.y, blockIdx.z), prev = the
 // state entering the chunk (chunk_states after ssd_state_passing):
 //   M[l,s]  = cb[l,s] * exp(segsum[l,s]) * dt[s]                            (s <= l; L = exp(segsum))
 //   segsum[l,s] = sum_{k=s+1..l} dt[k] A, summed directly like nemo_scratch.ops.ssd.segsum (a difference
 //   of cumulative sums acum[l] - acum[s] would cancel in float32 when both are large)
-//   y[l,p]  = sum_{s<=l} M[l,s] x[s,p]  +  exp(acum[l]) * sum_n C[l,n] prev[p,n]  +  D[hh] x[l,p]
+//   y[l,p]  = sum_{s<=l} M[l,s] x[s,p]  +  exp(acum[l]) * sum_n C[l,n] prev[n,p]  +  D[hh] x[l,p]
 // Dynamic shared memory: (2 + l_tile) * chunk floats; rows l0 .. l0+l_tile-1 of M at a time.
 extern "C" __global__ void ssd_chunk_scan_v1_naive(
     const float* __restrict__ x, const float* __restrict__ dt, const float* __restrict__ A,
@@ -196,9 +200,9 @@ extern "C" __global__ void ssd_chunk_scan_v1_naive(
             // intra-chunk (diagonal block): sum over s <= l
             float diag = 0.0f;
             for (int s = 0; s <= l; ++s) diag += m_tile[li * chunk + s] * x_bh[s * x_step + p];
-            // inter-chunk (off-diagonal): C[l] . prev[p, :]
+            // inter-chunk (off-diagonal): C[l] . prev[:, p]
             float off = 0.0f;
-            for (int n = 0; n < d_state; ++n) off += C_bg[l * C_step + n] * prev[(long long)p * d_state + n];
+            for (int n = 0; n < d_state; ++n) off += C_bg[l * C_step + n] * prev[(long long)n * head_dim + p];
             y_bh[l * x_step + p] = diag + expf(acum[l]) * off + D_h * x_bh[l * x_step + p];
         }
         __syncthreads();

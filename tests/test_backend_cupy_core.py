@@ -51,6 +51,16 @@ def assert_bits_equal(got, ref, what):
     assert np.array_equal(got[~nan].view(np.uint32), ref[~nan].view(np.uint32)), f"{what}: bits differ"
 
 
+def random_nvfp4(rng, *shape):  # [..., out, in] -> NVFP4Weight with W of rms ~ 1.5 / sqrt(in)
+    """A valid NVFP4 weight drawn code by code (quantizing an Ultra-sized float32 stack on the CPU is slow):
+    random E2M1 codes, block scales 1 + m/8 (E4M3 exponent field 7), a global scale for an O(1) output."""
+    *lead, out, inn = shape
+    packed = rng.integers(0, 256, size=(*lead, out, inn // 2), dtype=np.uint8)
+    block_scale = rng.integers(0x38, 0x40, size=(*lead, out, inn // 16), dtype=np.uint8)
+    global_scale = np.full(tuple(lead), 1.5 / np.sqrt(inn) / 4, dtype=np.float32)
+    return NVFP4Weight(packed, block_scale, global_scale)
+
+
 def distinct_experts(rng, t, e, k):  # -> idx [t, k] int64, k distinct experts a token (as route() gives)
     return np.stack([rng.permutation(e)[:k] for _ in range(t)]).astype(np.int64).reshape(t, k)
 
@@ -65,9 +75,9 @@ HEAD_RATIOS = st.sampled_from([1, 2, 3, 8, 32])  # q heads per kv head (32: Ultr
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, ratio=HEAD_RATIOS, causal=st.booleans())
 def test_gqa_attention_matches_reference(mode, data, seed, ratio, causal):
-    b = data.draw(st.integers(1, 3))
-    nkv = data.draw(st.integers(1, 3))
-    s = data.draw(crossing(1, 300, 32, 64))
+    b = data.draw(st.integers(1, 2))
+    nkv = data.draw(st.integers(1, 2))
+    s = data.draw(crossing(1, 200, 32, 64))
     t = data.draw(st.one_of(st.just(s), crossing(1, s, 32)))
     dh = data.draw(st.one_of(st.sampled_from([128, 256]), crossing(1, 160, 32, 64)))
     make, be = arrays(seed), backend()
@@ -139,6 +149,25 @@ def router_config(draw):
     return e, n_group, topk_group, top_k
 
 
+def dyadic(rng, shape, steps, scale):  # -> float32 multiples of scale in [-steps*scale, steps*scale]
+    """Values on a coarse binary grid: dot products of them are exact in float32 in any summation order, so
+    the kernel and the reference see bit-identical router logits."""
+    return (rng.integers(-steps, steps + 1, size=shape) * scale).astype(np.float32)
+
+
+def assert_same_selection(idx, idx_ref, x, gate, bias, margin=1e-6):
+    """Same experts in the same order, token by token. Where they differ, every differing pair must be a
+    near-tie: biased scores within ``margin`` (the kernel's expf and NumPy's exp may round sigmoid one ulp
+    apart, so candidates that close may be ranked either way; exact ties are tested separately)."""
+    assert idx.shape == idx_ref.shape and idx.dtype == np.int64
+    logits = x.astype(np.float64) @ gate.T.astype(np.float64)
+    choice = 1 / (1 + np.exp(-logits)) + (0 if bias is None else bias.astype(np.float64))
+    for tok in np.nonzero(np.any(idx != idx_ref, axis=1))[0]:
+        got, ref = choice[tok, idx[tok]], choice[tok, idx_ref[tok]]
+        assert np.all(np.abs(got - ref) < margin), (
+            f"router selection differs at token {tok}: {idx[tok].tolist()} vs reference {idx_ref[tok].tolist()}")
+
+
 @pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, config=router_config(), with_bias=st.booleans(), norm=st.booleans(),
@@ -147,14 +176,15 @@ def test_route_matches_reference(mode, data, seed, config, with_bias, norm, scal
     e, n_group, topk_group, top_k = config
     t = data.draw(crossing(1, 40, 4))
     d = data.draw(crossing(1, 300, 32))
-    make, be = arrays(seed), backend()
-    x, gate = make(t, d), make(e, d, lo=-0.3, hi=0.3)
-    bias = make(e, lo=-0.1, hi=0.1) if with_bias else None
+    rng, be = np.random.default_rng(seed), backend()
+    x, gate = dyadic(rng, (t, d), 8, 1 / 8), dyadic(rng, (e, d), 8, 1 / 64)
+    bias = dyadic(rng, (e,), 8, 1 / 128) if with_bias else None
     args = (top_k, n_group, topk_group, norm, scale)
     idx, w = run(be, be.route, x, gate, bias, *args)
     idx_ref, w_ref = moe.route(x, gate, bias, *args)
-    assert idx.dtype == np.int64 and np.array_equal(idx, idx_ref), "router selection differs"
-    assert_close(w, w_ref, "kernel_router", what="router weights")
+    assert_same_selection(idx, idx_ref, x, gate, bias)
+    same = np.all(idx == idx_ref, axis=1)  # weights are comparable where the same experts were picked
+    assert_close(w[same], w_ref[same], "kernel_router", what="router weights")
 
 
 @pytest.mark.gpu
@@ -162,13 +192,15 @@ def test_route_matches_reference(mode, data, seed, config, with_bias, norm, scal
 @pytest.mark.parametrize("n_group,topk_group", [(1, 1), (8, 4)])
 def test_route_ultra_shape(n_group, topk_group):
     """Ultra's router: d = 8192, 512 experts, top-22, routed_scaling_factor 5 (and the 8/4 grouping variant)."""
-    make, be = arrays(11), backend()
-    x, gate, bias = make(9, 8192), make(512, 8192, lo=-0.02, hi=0.02), make(512, lo=-0.05, hi=0.05)
+    rng, be = np.random.default_rng(11), backend()
+    x, gate = dyadic(rng, (9, 8192), 8, 1 / 8), dyadic(rng, (512, 8192), 2, 1 / 64)
+    bias = dyadic(rng, (512,), 8, 1 / 256)
     args = (22, n_group, topk_group, True, 5.0)
     idx, w = run(be, be.route, x, gate, bias, *args)
     idx_ref, w_ref = moe.route(x, gate, bias, *args)
-    assert np.array_equal(idx, idx_ref)
-    assert_close(w, w_ref, "kernel_router", what="router weights (Ultra)")
+    assert_same_selection(idx, idx_ref, x, gate, bias)
+    same = np.all(idx == idx_ref, axis=1)
+    assert_close(w[same], w_ref[same], "kernel_router", what="router weights (Ultra)")
 
 
 @pytest.mark.gpu
@@ -221,8 +253,10 @@ def test_moe_experts_ultra_width(fmt):
     make, be, rng = arrays(5), backend(), np.random.default_rng(5)
     t, l, f, e, k = 16, 2048, 5120, 8, 4
     x, weights = make(t, l), make(t, k, lo=0.0, hi=1.0)
-    up = expert_stack(fmt, make(e, f, l) * np.float32(1.5 / np.sqrt(l)))
-    down = expert_stack(fmt, make(e, l, f) * np.float32(1.5 / np.sqrt(f)))
+    if fmt == "nvfp4":
+        up, down = random_nvfp4(rng, e, f, l), random_nvfp4(rng, e, l, f)
+    else:
+        up, down = make(e, f, l) * np.float32(1.5 / np.sqrt(l)), make(e, l, f) * np.float32(1.5 / np.sqrt(f))
     idx = distinct_experts(rng, t, e, k)
     out = run(be, be.moe_experts, x, idx, weights, up, down)
     assert_close(out, moe.moe_experts(x, idx, weights, up, down), "kernel_moe", what=f"moe_experts ({fmt})")
@@ -296,7 +330,7 @@ def test_fp8_matmul_matches_reference(mode, data, seed):
 def test_nvfp4_matmul_ultra_shapes(m, out, inn):
     """The fused W4A16 GEMV (m = 1) and small GEMM (m = 16) at Ultra's expert and model widths."""
     make, be = arrays(m + out), backend()
-    w, x = quant.nvfp4_quantize(make(out, inn)), make(m, inn)
+    w, x = random_nvfp4(np.random.default_rng(out), out, inn), make(m, inn)
     got = run(be, be.linear, x, w)
     assert_close(got, linear.linear(x, w), "kernel_quant_matmul", what=f"nvfp4 linear {m}x{inn} -> {out}")
 

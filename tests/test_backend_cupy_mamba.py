@@ -268,12 +268,16 @@ def test_float64_runs_the_reference():
 @requires_cupy
 def test_backend_binds_the_kernels_and_keeps_arrays_on_the_device():
     from nemo_scratch.backends.cupy import KERNELS
+    from nemo_scratch.backends.numpy_backend import NumpyBackend
 
     be = backend()
     assert be.name == "cupy" and be.xp.__name__ == "cupy"
     for op, (module, entry) in KERNELS.items():
         fn = getattr(be, op)
         assert fn.__name__ == entry and fn.__module__ == f"nemo_scratch.backends.cupy.{module}", op
+    reference_ops = [k for k, v in vars(NumpyBackend).items() if isinstance(v, staticmethod) and k not in KERNELS]
+    for op in reference_ops:  # no kernel: the reference function itself (it runs on cupy arrays)
+        assert getattr(be, op) is getattr(NumpyBackend, op), op
     dev = be.asarray(np.ones((2, 3), dtype=np.float32))
     assert isinstance(dev, be.xp.ndarray) and isinstance(be.rms_norm(dev, be.asarray(np.ones(3, np.float32)),
                                                                      1e-5), be.xp.ndarray)
@@ -293,7 +297,7 @@ def test_out_state_is_checked():
     conv_state = be.asarray(make(2, 8, 4))
     with pytest.raises(ShapeError, match="out_state"):
         be.causal_conv1d_step(be.asarray(make(2, 8)), conv_state, be.asarray(make(8, 4)), None,
-                              out_state=be.xp.asfortranarray(be.asarray(make(2, 8, 4))))
+                              out_state=be.asarray(make(2, 8, 8))[:, :, ::2])  # not contiguous
 
 
 def test_cupy_backend_without_a_gpu_says_what_is_missing():

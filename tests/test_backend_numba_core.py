@@ -111,9 +111,9 @@ def test_nvfp4_dequantize_bit_exact(mode, data, seed, lead):
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, fmt=st.sampled_from(["nvfp4", "fp8"]), lead=st.integers(1, 2))
 def test_quant_matmul_matches_reference(mode, data, seed, fmt, lead):
-    tile, gemv = quant_k.TILE, quant_k.GEMV_ROWS
+    tile, gemv, outs = quant_k.TILE, quant_k.GEMV_ROWS, quant_k.GEMV_OUTS
     m = data.draw(sizes(mode, (1, 2 * tile + 1, gemv, tile), (1, 70, gemv, tile, 32)))
-    n_out = data.draw(sizes(mode, (1, 2 * tile + 1, tile), (1, 600, tile, 128, 256)))
+    n_out = data.draw(sizes(mode, (1, 2 * outs + 1, tile, outs), (1, 600, tile, outs, 128, 256)))
     n_in = 16 * data.draw(sizes(mode, (1, 2), (1, 160, 8, 64)))
     make, be = arrays(seed), numba_backend()
     w = pack(fmt, make(n_out, n_in))

@@ -4,11 +4,11 @@ Reference:  nemo_scratch.ops.ssd.ssd_scan_chunked, nemo_scratch.ops.ssd.ssd_step
 Test:       tests/test_backend_cupy_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 The prefill runs the four kernels of the SSD block decomposition in order (spec 3.1): chunk states,
-state passing, C.B^T per group, chunk scan. Scratch: chunk_states [b,nc,h,p,n], chunk_log_decay [b,h,nc],
-cb [b,nc,g,q,q]. Same contract as the reference; arguments are checked (by the reference's own helper)
-before cupy is touched; float32 calls run the kernels, float64 calls (oracle mode) the reference. The step's
-``out_state`` receives the new state: None allocates it (the input state is left untouched, as in the
-reference); ``out_state=state`` is the in-place update of a decode loop.
+state passing, C.B^T per group, chunk scan. Scratch: chunk_states [b,nc,h,n,p] (p fastest, see ssd.cu),
+chunk_log_decay [b,h,nc], cb [b,nc,g,q,q]. Same contract as the reference; arguments are checked (by the
+reference's own helper) before cupy is touched; float32 calls run the kernels, float64 calls (oracle mode) the
+reference. The step's ``out_state`` receives the new state: None allocates it (the input state is left
+untouched, as in the reference); ``out_state=state`` is the in-place update of a decode loop.
 """
 
 import numpy as np
@@ -64,7 +64,7 @@ def ssd_scan_chunked_cupy(x, dt, A, B, C, chunk, D=None, initial_state=None):  #
     if t == 0 or b * h == 0:          # nothing to scan (a grid needs at least one block a dimension)
         final_state[...] = 0.0 if initial_state is None else initial_state
         return y, final_state
-    chunk_states = xp.empty((b, nc, h, p, n), dtype=xp.float32)
+    chunk_states = xp.empty((b, nc, h, n, p), dtype=xp.float32)
     chunk_log_decay = xp.empty((b, h, nc), dtype=xp.float32)
     cb = xp.empty((b, nc, g, q, q), dtype=xp.float32)
 
@@ -77,7 +77,7 @@ def ssd_scan_chunked_cupy(x, dt, A, B, C, chunk, D=None, initial_state=None):  #
               (chunk_states, chunk_log_decay, initial_state, final_state, i32(b), i32(nc), i32(h), i32(p), i32(n)))
     # step 4's C.B^T, once per group
     get_kernel(CU_FILE, KERNELS["chunk_cb"])((g, nc, b), (THREADS,), (B, C, cb, i32(t), i32(g), i32(n), i32(q)))
-    # steps 4, 7, 8: y = diagonal block + decayed entering state + D x
+    # steps 3, 4, 7, 8: y = diagonal block + decayed entering state + D x
     get_kernel(CU_FILE, KERNELS["chunk_scan"])(
         (h, nc, b), (THREADS,), (x, dt, A, C, D, chunk_states, cb, y,
                                  i32(t), i32(h), i32(p), i32(g), i32(n), i32(q), i32(l_tile)),

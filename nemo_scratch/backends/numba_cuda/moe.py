@@ -1,9 +1,9 @@
 """The MoE router and the routed experts in Numba-CUDA.
 
-Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
-Test:       tests/test_backend_numba_core.py::test_route_*, ::test_moe_experts_*
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts, nemo_scratch.ops.moe.mlp
+Test:       tests/test_backend_numba_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_with_packed_weights
 Tolerance:  selection identical (same experts, same order); weights ("kernel_router", float32);
-            experts ("kernel_moe", float32)
+            experts ("kernel_moe", float32); mlp ("kernel_quant_matmul", float32)
 Versions:
   route_v1_block      one block per TOKENS tokens. The threads take an expert each: float32 logits over the
                       full width d (x staged in shared memory D_CHUNK columns at a time, every gate element
@@ -21,6 +21,8 @@ Versions:
                       the fly): h = relu2(x[tok] up[e]^T) in permuted order, y[pair] = h down[e]^T back in
                       pair order; then moe_combine_v1 sums out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot
                       order (deterministic: each pair owns its row of y, so no float atomics are needed).
+                      Only the experts that were hit get GEMM blocks (the decode case: k of e experts).
+  mlp (shared expert, dense MLPs): no kernel of its own: quant.linear_numba twice around relu2 on xp.
 Build:      @cuda.jit(fastmath=False); float32 compute; float64 (oracle mode) or a packed gate runs the reference.
 """
 

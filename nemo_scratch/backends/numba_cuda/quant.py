@@ -17,11 +17,12 @@ Versions:
                             group g (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W
                             tiles staged in shared memory, W decoded element by element on its way in. A
                             plain matmul is one group; moe.py runs every expert as a group (grouped GEMM).
-  matmul_v2_gemv            m <= GEMV_ROWS rows of x (decode, batch 1): one block per output feature, the
-                            threads stride over the input width (coalesced reads of the packed weight), decode
-                            in registers, a shared-memory tree reduction. Why: at m = 1, v1 keeps TILE-1 of
-                            its TILE thread rows idle in the inner products; v2 puts every thread on the dot
-                            product. (Reasoned, not yet timed: no GPU was available when it was written.)
+  matmul_v2_gemv            m <= GEMV_ROWS rows of x (decode, batch 1): GEMV_LANES threads (a warp) per
+                            output feature stride over the input width (coalesced reads of the packed weight),
+                            decode in registers, accumulate every row of x, then one shared-memory tree over
+                            the lanes. Why: at m = 1, v1 keeps TILE-1 of its TILE thread rows idle in the inner
+                            products; v2 puts every thread on a dot product. (Reasoned, not yet timed: no GPU
+                            was available when it was written.)
   The weight formats are device functions with one signature, fetch(wa, wb, wc, g, n, kk) -> W_g[n, kk]:
   dense (wa float32 [g,out,in]), NVFP4 (packed, block_scale, global_scale), FP8 (data, -, scale); each matmul
   kernel is built once per format (a closure over its fetch function, which numba compiles in as a constant).
@@ -38,15 +39,17 @@ from ...ops import linear as linear_ref
 from ...ops import quant as quant_ref
 from ...ops.common import get_xp
 from ...ops.quant import FP8Weight, NVFP4Weight
-from .runtime import JIT, MAX_REDUCE_THREADS, block_sum, cdiv, contiguous, launch_1d, reduce_threads, \
-    simulator_enabled
+from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
 
 # Output tile of matmul_v1_tiled (TILE x TILE threads a block). Under the simulator every thread is a Python
 # thread: 4 x 4 keeps a block cheap; the tests cross both sizes with non-multiples.
 TILE = 4 if simulator_enabled() else 16
 TILE_PAD = TILE + 1  # the W tile is read down its columns: one float of padding avoids bank conflicts
-# At most this many rows of x go through matmul_v2_gemv (one accumulator per row in registers).
+# matmul_v2_gemv: at most GEMV_ROWS rows of x (one accumulator each in registers); GEMV_OUTS output features
+# a block, GEMV_LANES threads (a power of two; a warp on a GPU) on each feature's dot product.
 GEMV_ROWS = 4
+GEMV_OUTS = 8
+GEMV_LANES = 4 if simulator_enabled() else 32
 ACT_NONE, ACT_RELU2 = 0, 1
 
 
@@ -173,23 +176,33 @@ def matmul_v2_gemv(fmt):
 
     @cuda.jit(**JIT)
     def kernel(x, wa, wb, wc, out):
-        # x [m, in], W_0 [out, in] -> out [m, out]; block (n, row group), threads stride over in
-        smem = cuda.shared.array(MAX_REDUCE_THREADS, float32)
+        # x [m, in], W_0 [out, in] -> out [m, out]; block = GEMV_OUTS features x GEMV_LANES lanes over in
+        part = cuda.shared.array((GEMV_ROWS, GEMV_OUTS, GEMV_LANES), float32)
         acc = cuda.local.array(GEMV_ROWS, float32)
-        n = cuda.blockIdx.x
-        r0 = cuda.blockIdx.y * GEMV_ROWS
-        rows = min(GEMV_ROWS, x.shape[0] - r0)
+        lane, o = cuda.threadIdx.x, cuda.threadIdx.y
+        n = cuda.blockIdx.x * GEMV_OUTS + o
+        m = x.shape[0]
         for r in range(GEMV_ROWS):
             acc[r] = float32(0.0)
-        for kk in range(cuda.threadIdx.x, x.shape[1], cuda.blockDim.x):
-            w_nk = fetch(wa, wb, wc, 0, n, kk)
-            for r in range(rows):
-                acc[r] += x[r0 + r, kk] * w_nk
-        for r in range(rows):
-            # out[r, n] = sum over the threads' partial dot products
-            total = block_sum(acc[r], smem)
-            if cuda.threadIdx.x == 0:
-                out[r0 + r, n] = total
+        if n < out.shape[1]:
+            for kk in range(lane, x.shape[1], GEMV_LANES):
+                w_nk = fetch(wa, wb, wc, 0, n, kk)
+                for r in range(m):
+                    acc[r] += x[r, kk] * w_nk
+        for r in range(GEMV_ROWS):
+            part[r, o, lane] = acc[r]
+        cuda.syncthreads()
+        # out[r, n] = sum over the lanes' partial dot products (a tree over the lanes, every row at once)
+        stride = GEMV_LANES // 2
+        while stride > 0:
+            if lane < stride:
+                for r in range(m):
+                    part[r, o, lane] += part[r, o, lane + stride]
+            cuda.syncthreads()
+            stride //= 2
+        if lane == 0 and n < out.shape[1]:
+            for r in range(m):
+                out[r, n] = part[r, o, 0]
 
     return kernel
 
@@ -236,7 +249,7 @@ def _matmul(fmt, x, weights, n_out):  # [..., in] -> [..., n_out]; weights with 
     if m == 0 or n_out == 0 or n_in == 0:
         return out.reshape(*lead, n_out)
     if m <= GEMV_ROWS:
-        matmul_v2_gemv(fmt)[(n_out, cdiv(m, GEMV_ROWS)), reduce_threads(n_in)](x2, *weights, out)
+        matmul_v2_gemv(fmt)[cdiv(n_out, GEMV_OUTS), (GEMV_LANES, GEMV_OUTS)](x2, *weights, out)
     else:
         rows = xp.arange(m, dtype=np.int64)
         offsets, groups = xp.asarray(np.array([0, m], dtype=np.int64)), xp.zeros(1, dtype=np.int64)
