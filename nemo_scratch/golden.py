@@ -2,20 +2,32 @@
 
     nemo-scratch golden --op ssd_scan_chunked --shape b=1,t=40,h=4,p=8,g=2,n=16,chunk=16 --out ssd.safetensors
 
-The file holds ``in.<arg>`` (float64 inputs; cast them to float32 for the float32 reference),
-``out64.<name>`` and ``out32.<name>``, and metadata: op, dims (JSON), seed, the nemo_scratch version and the
-tolerance key of tests/tolerances.py. ``check_golden(path)`` recomputes with the reference and compares.
+The file is plain safetensors. It holds ``in.<arg>`` (float inputs in float64: cast them to float32 for the
+float32 reference; integer and packed inputs as the op takes them), ``out64.<name>`` and ``out32.<name>``,
+and string metadata: op, dims and static (JSON), seed, nemo_scratch_version, tolerance_key and
+kernel_tolerance_key (keys of tests/tolerances.py, or "exact" for bit-exact decodes) and kernel_rtol /
+kernel_atol (the float32 kernel tolerance, copied for readers without the table). docs/oracle.md says how
+to read and compare it; ``check_golden(path)`` recomputes with the reference and compares.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import CheckpointError, InputError, NemoScratchError
 from .ops import attention, conv, moe, norm, quant, ssd
 
+TOLERANCE_FILE = Path(__file__).resolve().parent.parent / "tests" / "tolerances.py"
+EXACT = "exact"   # the tolerance key of bit-exact decodes: compare bit patterns, never "close"
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+# Each maker takes (rng, dims) and returns (array inputs by argument name, static keyword arguments).
 
 def _norm_inputs(rng, d):
     return {"x": rng.standard_normal((d["b"], d["t"], d["d"])), "weight": 1 + 0.1 * rng.standard_normal(d["d"])}, \
@@ -69,15 +81,24 @@ def _route_inputs(rng, d):
 
 def _experts_inputs(rng, d):
     t, e, k, f, l_ = d["t"], d["e"], d["k"], d["f"], d["l"]
+    if k > e:
+        raise InputError(f"each token is routed to k={k} distinct experts, so k <= e={e}")
     idx = np.stack([rng.choice(e, size=k, replace=False) for _ in range(t)]).astype(np.int64)
     return {"x": rng.standard_normal((t, l_)), "idx": idx, "weights": rng.uniform(0, 1, (t, k)),
             "up": 0.2 * rng.standard_normal((e, f, l_)), "down": 0.2 * rng.standard_normal((e, l_, f))}, {}
 
 
-def _nvfp4_inputs(rng, d):
+def _nvfp4_weight(rng, d):
     w = quant.nvfp4_quantize(rng.standard_normal((d["out"], d["in"])).astype(np.float32))
-    return {"x": rng.standard_normal((d["m"], d["in"])), "packed": w.packed, "block_scale": w.block_scale,
-            "global_scale": np.asarray(w.global_scale, dtype=np.float32)}, {}
+    return {"packed": w.packed, "block_scale": w.block_scale, "global_scale": np.asarray(w.global_scale)}
+
+
+def _nvfp4_matmul_inputs(rng, d):
+    return {"x": rng.standard_normal((d["m"], d["in"])), **_nvfp4_weight(rng, d)}, {}
+
+
+def _nvfp4_dequantize_inputs(rng, d):
+    return _nvfp4_weight(rng, d), {}
 
 
 # op -> (default dims, inputs(rng, dims) -> (inputs, static kwargs), reference, output names, tolerance key)
@@ -95,9 +116,62 @@ OPS = {
     "route": (dict(t=8, d=64, e=16, k=4, n_group=1, topk_group=1), _route_inputs, moe.route, ("idx", "weights"),
               "router"),
     "moe_experts": (dict(t=8, e=8, k=2, f=32, l=16), _experts_inputs, moe.moe_experts, ("y",), "moe"),
-    "nvfp4_matmul": (dict(m=2, out=32, **{"in": 64}), _nvfp4_inputs, quant.nvfp4_matmul, ("y",), "quant_matmul"),
+    "nvfp4_matmul": (dict(m=2, out=32, **{"in": 64}), _nvfp4_matmul_inputs, quant.nvfp4_matmul, ("y",),
+                     "quant_matmul"),
+    "nvfp4_dequantize": (dict(out=32, **{"in": 64}), _nvfp4_dequantize_inputs, quant.nvfp4_dequantize, ("w",),
+                         EXACT),
 }
 
+
+# ------------------------------------------------------------------------------------------------ tolerances
+
+@functools.lru_cache(maxsize=None)
+def tolerance_table():
+    """TOLERANCES of tests/tolerances.py, the project's one table, read from the checkout beside the package."""
+    if not TOLERANCE_FILE.is_file():
+        raise InputError(f"golden vectors need the tolerance table {TOLERANCE_FILE}, which ships with a checkout "
+                         "of the repository (install it with `pip install -e .`)")
+    spec = importlib.util.spec_from_file_location("nemo_scratch_tolerances", TOLERANCE_FILE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.TOLERANCES
+
+
+def kernel_key(key):
+    """The tolerance key a float32 GPU kernel of an op is held to: ``kernel_<key>`` ("exact" stays exact)."""
+    return key if key == EXACT else f"kernel_{key}"
+
+
+def _rtol_atol(key, dtype):
+    return (0.0, 0.0) if key == EXACT else tolerance_table()[(key, np.dtype(dtype).name)][:2]
+
+
+def compare(got, ref, key, dtype):  # [...], [...] -> {"max_abs", "max_rel", "used"}
+    """Max abs and rel error of ``got`` against ``ref``, and the share of the tolerance budget used.
+
+    The check: |got - ref| <= atol + rtol * |ref| elementwise, (rtol, atol) = TOLERANCES[(key, dtype)];
+    ``used`` > 1 fails. Integer outputs and the EXACT key compare bit patterns: used is 0 or inf.
+    Non-finite values must sit where the reference has them.
+    """
+    got, ref = np.asarray(got), np.asarray(ref)
+    if got.shape != ref.shape:
+        return {"max_abs": float("inf"), "max_rel": float("inf"), "used": float("inf")}
+    g, r = got.astype(np.float64), ref.astype(np.float64)
+    fin = np.isfinite(r)
+    err = np.abs(g - r)[fin]
+    rel = err / np.maximum(np.abs(r[fin]), 1e-30)
+    out = {"max_abs": float(err.max(initial=0.0)), "max_rel": float(rel.max(initial=0.0))}
+    if key == EXACT or ref.dtype.kind != "f":
+        same = got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
+        return {**out, "used": 0.0 if same else float("inf")}
+    if not np.array_equal(np.isfinite(g), fin) or not np.array_equal(g[~fin], r[~fin], equal_nan=True):
+        return {**out, "used": float("inf")}
+    rtol, atol = _rtol_atol(key, dtype)
+    budget = atol + rtol * np.abs(r[fin])
+    return {**out, "used": float((err / budget).max(initial=0.0))}
+
+
+# ------------------------------------------------------------------------------------------------ files
 
 def parse_dims(op, spec):
     """'b=1,t=16' -> dims dict over the op's defaults; InputError on unknown names or bad values."""
@@ -120,29 +194,36 @@ def parse_dims(op, spec):
 def compute(op, inputs, static, dtype):
     """Run the reference on the float inputs cast to ``dtype`` (integer and packed inputs as they are)."""
     fn = OPS[op][2]
+    # global_scale is part of the packed NVFP4 weight: float32 in every mode
     args = {k: (v.astype(dtype) if v.dtype.kind == "f" and k != "global_scale" else v) for k, v in inputs.items()}
     out = fn(**args, **static)
     return out if isinstance(out, tuple) else (out,)
 
 
 def write_golden(op, shape_spec, out, seed=0):
+    """Write the golden file of ``op`` at the dims ``shape_spec`` ('t=40,chunk=16') to ``out``; return out."""
     from . import __version__
     from .checkpoint.safetensors_io import write_safetensors
 
     dims = parse_dims(op, shape_spec)
+    if not isinstance(seed, (int, np.integer)) or seed < 0:
+        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
     rng = np.random.default_rng(seed)
+    key = OPS[op][4]
     try:
         inputs, static = OPS[op][1](rng, dims)
-    except ValueError as exc:  # includes ShapeError from the ops' own checks
-        raise InputError(f"--shape {dims} does not fit {op}: {exc}") from None
-    tensors = {f"in.{k}": (np.asarray(v), _st_dtype(v)) for k, v in inputs.items()}
-    for dtype, tag in ((np.float64, "out64"), (np.float32, "out32")):
-        for name, value in zip(OPS[op][3], compute(op, inputs, static, dtype)):
-            value = np.asarray(value)
-            tensors[f"{tag}.{name}"] = (value, _st_dtype(value))
+        outputs = {tag: compute(op, inputs, static, dtype) for tag, dtype in (("out64", np.float64),
+                                                                              ("out32", np.float32))}
+    except (NemoScratchError, ValueError) as exc:  # the ops' own ShapeError / InputError name the misfit
+        raise InputError(f"--shape {shape_spec or ''!r} (dims {dims}) does not fit {op}: {exc}") from None
+    tensors = {f"in.{k}": v for k, v in inputs.items()}
+    for tag, values in outputs.items():
+        tensors.update({f"{tag}.{name}": value for name, value in zip(OPS[op][3], values)})
+    kernel_rtol, kernel_atol = _rtol_atol(kernel_key(key), np.float32)
     meta = {"op": op, "dims": json.dumps(dims), "static": json.dumps(static), "seed": str(seed),
-            "tolerance_key": OPS[op][4], "nemo_scratch_version": __version__}
-    write_safetensors(out, tensors, metadata=meta)
+            "tolerance_key": key, "kernel_tolerance_key": kernel_key(key), "kernel_rtol": repr(float(kernel_rtol)),
+            "kernel_atol": repr(float(kernel_atol)), "nemo_scratch_version": __version__}
+    write_safetensors(out, {name: (np.asarray(v), _st_dtype(v)) for name, v in tensors.items()}, metadata=meta)
     return out
 
 
@@ -151,17 +232,52 @@ def read_golden(path):
     from .checkpoint.safetensors_io import SafetensorsFile
 
     f = SafetensorsFile(path)
-    meta = f.metadata
+    meta = f.metadata or {}
+    missing = [k for k in ("op", "static", "tolerance_key") if k not in meta]
+    if missing:
+        raise CheckpointError(f"{path}: not a golden file: its metadata lacks {missing} (write one with "
+                              "`nemo-scratch golden`)")
+    if meta["op"] not in OPS:
+        raise CheckpointError(f"{path}: golden file of op {meta['op']!r}, expected one of {sorted(OPS)}")
     inputs, outs = {}, {"out64": {}, "out32": {}}
     for name in f.keys():
         tag, _, key = name.partition(".")
-        if tag == "in":
-            inputs[key] = f.get(name)
-        else:
-            outs[tag][key] = f.get(name)
+        if tag not in ("in", "out64", "out32") or not key:
+            raise CheckpointError(f"{path}: tensor {name!r} is not in.<arg>, out64.<name> or out32.<name>")
+        (inputs if tag == "in" else outs[tag])[key] = np.array(f.get(name))
+    for tag, found in outs.items():
+        if sorted(found) != sorted(OPS[meta["op"]][3]):
+            raise CheckpointError(f"{path}: {tag} holds {sorted(found)}, expected the outputs "
+                                  f"{sorted(OPS[meta['op']][3])} of {meta['op']}")
     return meta["op"], inputs, json.loads(meta["static"]), outs, meta
+
+
+def check_golden(path):
+    """Recompute a golden file with the reference and compare -> {"out64"|"out32"|"out32_vs_out64": {name: errors}}.
+
+    out64: the float64 reference now vs the file, with (tolerance_key, float64);
+    out32: the float32 reference now vs the file, with (tolerance_key, float32);
+    out32_vs_out64: the file's float32 outputs vs its float64 ones, with (tolerance_key, float32).
+    errors = compare(...) = {"max_abs", "max_rel", "used"}. Raises CheckpointError naming the tensor when any
+    comparison uses more than its whole tolerance budget.
+    """
+    op, inputs, static, outs, meta = read_golden(path)
+    key = meta["tolerance_key"]
+    now = {tag: dict(zip(OPS[op][3], compute(op, inputs, static, dtype)))
+           for tag, dtype in (("out64", np.float64), ("out32", np.float32))}
+    report = {"out64": {}, "out32": {}, "out32_vs_out64": {}}
+    for name in OPS[op][3]:
+        report["out64"][name] = compare(now["out64"][name], outs["out64"][name], key, np.float64)
+        report["out32"][name] = compare(now["out32"][name], outs["out32"][name], key, np.float32)
+        report["out32_vs_out64"][name] = compare(outs["out32"][name], outs["out64"][name], key, np.float32)
+    for check, by_name in report.items():
+        for name, e in by_name.items():
+            if e["used"] > 1:
+                raise CheckpointError(f"{path}: {check} {name!r} of {op} is out of tolerance ({key!r}): max abs "
+                                      f"err {e['max_abs']:.3e}, max rel err {e['max_rel']:.3e}, "
+                                      f"{100 * e['used']:.1f}% of the budget atol + rtol*|ref|")
+    return report
 
 
 def _st_dtype(a):
     return {"float64": "F64", "float32": "F32", "int64": "I64", "uint8": "U8"}[np.asarray(a).dtype.name]
-

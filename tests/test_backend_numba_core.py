@@ -34,16 +34,6 @@ from nemo_scratch.ops import attention, moe, quant
 from nemo_scratch.ops.quant import FP8Weight, NVFP4Weight
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fast_thread_switch():
-    """The simulator runs each CUDA thread as a Python thread and polls them at every syncthreads; a short
-    GIL switch interval lets the threads reach the barrier sooner (2-3x faster here). Restored afterwards."""
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4 if SIMULATOR else before)
-    yield
-    sys.setswitchinterval(before)
-
-
 def run(be, op, *args, **kwargs):
     """Move numpy arrays (and packed weights) to the backend, run ``op``, bring every output back to numpy."""
     move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, NVFP4Weight, FP8Weight)) else a  # noqa: E731

@@ -34,6 +34,7 @@ KERNELS = {
     "gqa_decode": ("attention", "gqa_decode_cupy"),
     "route": ("moe", "route_cupy"),
     "moe_experts": ("moe", "moe_experts_cupy"),
+    "mlp": ("moe", "mlp_cupy"),
     "linear": ("quant", "linear_cupy"),
     "nvfp4_dequantize": ("quant", "nvfp4_dequantize_cupy"),
     "nvfp4_matmul": ("quant", "nvfp4_matmul_cupy"),

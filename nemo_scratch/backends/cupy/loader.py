@@ -99,6 +99,11 @@ def state_buffer(xp, out_state, shape, name):
     return out_state
 
 
+# A null pointer argument. CuPy turns a ``None`` kernel argument into 0xffffffff, not NULL (cupy issue
+# #9046), so an optional array that is absent is passed as a 64-bit zero.
+NULL = np.uint64(0)
+
+
 def device_f32(xp, *arrays):
-    """C-contiguous float32 device arrays (no copy when already so); None stays None (a null pointer)."""
-    return [None if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=np.float32)) for a in arrays]
+    """C-contiguous float32 device arrays (no copy when already so); None becomes NULL (a null pointer)."""
+    return [NULL if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=np.float32)) for a in arrays]

@@ -1,7 +1,7 @@
 """Launchers of kernels_cuda/moe.cu: the router and the routed experts (dispatch, grouped matmuls, combine).
 
-Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
-Test:       tests/test_backend_cupy_core.py::test_route_*, ::test_moe_experts_*
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts, nemo_scratch.ops.moe.mlp
+Test:       tests/test_backend_cupy_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_*
 Tolerance:  tests/tolerances.py ("kernel_router", float32) (selection exact), ("kernel_moe", float32)
 The kernels compute in float32; float64 (oracle mode) and a packed router gate run on the reference.
 Expert stacks may be dense float32 [e, f, l] / [e, l, f] arrays or NVFP4Weight / FP8Weight stacks; each is
@@ -17,6 +17,7 @@ from ...ops.common import check_float, check_shape
 from ...ops.quant import FP8Weight, NVFP4Weight
 from .attention import shared_kernel
 from .loader import cdiv, device_f32, f32, get_kernel, i32, i64, launch_1d
+from .quant import linear_cupy
 
 CU_FILE = "moe.cu"
 KERNELS = {
@@ -166,3 +167,18 @@ def moe_experts_cupy(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l]
     launch_1d(get_kernel(CU_FILE, KERNELS["combine"]), t * l,
               (y, pair_pos, weights, out, i64(t), i32(k), i32(l)))
     return out
+
+
+def mlp_cupy(x, up, down):  # [..., d], [f,d], [d,f] -> [..., d]
+    """down(relu2(up(x))) through linear_cupy: packed weights on the fused matmul kernels, dense ones one
+    cuBLAS matmul each. The shared expert (FP8 in Ultra) and dense MLP blocks."""
+    name = "mlp"
+    if check_float(name, x, *moe_ref._dense(up, down)) != np.float32:
+        return moe_ref.mlp(x, up, down)
+    if x.ndim < 1:
+        raise ShapeError(f"{name}: x has shape {list(x.shape)}, expected [..., d]")
+    d = x.shape[-1]
+    check_shape(name, "up", up, (None, d))
+    check_shape(name, "down", down, (d, up.shape[0]))
+    # y = down(relu2(up x))
+    return linear_cupy(moe_ref.relu2(linear_cupy(x, up)), down)

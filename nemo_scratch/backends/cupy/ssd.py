@@ -58,12 +58,12 @@ def ssd_scan_chunked_cupy(x, dt, A, B, C, chunk, D=None, initial_state=None):  #
     l_tile, state_smem, scan_smem = _scan_launch_sizes(name, b, q, nc)
     import cupy as xp
 
-    x, dt, A, B, C, D, initial_state = device_f32(xp, x, dt, A, B, C, D, initial_state)
     y = xp.empty((b, t, h, p), dtype=xp.float32)
     final_state = xp.empty((b, h, p, n), dtype=xp.float32)
     if t == 0 or b * h == 0:          # nothing to scan (a grid needs at least one block a dimension)
-        final_state[...] = 0.0 if initial_state is None else initial_state
+        final_state[...] = 0.0 if initial_state is None else xp.asarray(initial_state)
         return y, final_state
+    x, dt, A, B, C, D, initial_state = device_f32(xp, x, dt, A, B, C, D, initial_state)
     chunk_states = xp.empty((b, nc, h, n, p), dtype=xp.float32)
     chunk_log_decay = xp.empty((b, h, nc), dtype=xp.float32)
     cb = xp.empty((b, nc, g, q, q), dtype=xp.float32)

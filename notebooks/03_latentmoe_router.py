@@ -1,0 +1,174 @@
+# %% [markdown]
+# # 03 · The LatentMoE router
+#
+# Half of Nemotron 3's layers are mixture-of-experts (MoE) layers. A router picks $k$ of $e$ small experts for
+# every token (Super and Ultra: 22 of 512). It reads the block-normed input $x \in \mathbb{R}^d$ at full width:
+#
+# $$
+# s = \sigma(W_g x) \in (0,1)^e, \qquad
+# \mathcal{I} = \mathrm{top}k\,(s + b), \qquad
+# w_i = \gamma\,\frac{s_i}{\sum_{j\in\mathcal{I}} s_j} \quad (i \in \mathcal{I}),
+# $$
+#
+# with sigmoid scores $s$, the `e_score_correction_bias` $b$ and `routed_scaling_factor` $\gamma$. The bias
+# $b$ only *selects*: it is the auxiliary-loss-free load balancing of DeepSeek-V3, nudged during training so
+# that every expert gets a similar share of tokens. The weights $w$ use the unbiased $s$.
+#
+# **LatentMoE**: the routed experts do not run at width $d$ but in a latent width $l < d$,
+#
+# $$
+# \mathrm{MoE}(x) = W_{fc2} \sum_{i\in\mathcal{I}} w_i\, W^{down}_i\,\mathrm{relu}\big(W^{up}_i W_{fc1} x\big)^2
+#   \;+\; W^{down}_{sh}\,\mathrm{relu}\big(W^{up}_{sh} x\big)^2 ,
+# $$
+#
+# plus a shared expert that every token uses, at full width and unscaled.
+
+# %%
+import matplotlib
+
+if "inline" not in matplotlib.get_backend():  # Jupyter renders inline; anywhere else draw off-screen (Agg)
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import nemo_scratch
+from nemo_scratch.model.blocks import block, moe_mixer
+from nemo_scratch.ops.linear import linear
+from nemo_scratch.ops.moe import latent_moe, mlp, route
+from nemo_scratch.ops.norm import rms_norm, sigmoid
+
+# %% [markdown]
+# ## 1. Route a text through the trained model
+#
+# We run the bundled model block by block and, at each MoE layer, route the block-normed input exactly as the
+# mixer does.
+
+# %%
+model = nemo_scratch.load()
+cfg = model.cfg
+e, topk, gamma = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.routed_scaling_factor
+print(model, f"\n{e} routed experts, top-{topk}, routed_scaling_factor {gamma}, latent width "
+      f"l={cfg.moe_latent_size} of d={cfg.hidden_size}")
+
+text = ("Once upon a time there was a little robot who liked to count. Every morning it counted the "
+        "birds on the roof, the clouds in the sky and the steps to the garden. 1, 2, 3, 4, 5... "
+        "def add(a, b):\n    return a + b\n")
+ids = np.array([model.tokenizer.encode(text)])
+T = ids.shape[1]
+
+
+ROUTER = dict(top_k=topk, n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
+              routed_scaling_factor=gamma)                              # route()'s settings from the config
+moe_in = {}                                                             # layer -> block-normed input [T,d]
+hs = model.embed(ids)
+for li, p_layer in enumerate(model.params["layers"]):
+    if p_layer["type"] == "moe":
+        moe_in[li] = rms_norm(hs, p_layer["norm"], cfg.layer_norm_epsilon)[0]
+    hs = block(hs, p_layer, cfg, model.backend, None, model.dt_limit)
+moe_layers = list(moe_in)
+routes = {li: route(moe_in[li], model.params["layers"][li]["gate"], model.params["layers"][li]["gate_bias"],
+                    **ROUTER) for li in moe_layers}
+print("MoE layers:", moe_layers, f"  {T} tokens")
+
+# %% [markdown]
+# ## 2. Router invariants
+#
+# Every token gets $k$ *distinct* experts, ordered by their biased score; the weights are positive and sum to
+# $\gamma$ (`norm_topk_prob`); and they are the formula above evaluated on the unbiased sigmoid scores.
+
+# %%
+for li in moe_layers:
+    p_layer, x = model.params["layers"][li], moe_in[li]
+    idx, w = routes[li]
+    assert idx.shape == (T, topk) and idx.dtype == np.int64 and w.shape == (T, topk) and w.dtype == np.float32
+    assert np.all((idx >= 0) & (idx < e))
+    assert all(len(set(row)) == topk for row in idx.tolist())               # k distinct experts
+    assert np.all(w > 0) and np.allclose(w.sum(axis=1), gamma, rtol=1e-6)
+    s = sigmoid(linear(x, p_layer["gate"]))                                 # [T,e] unbiased scores
+    biased = np.take_along_axis(s + p_layer["gate_bias"], idx, axis=1)
+    assert np.all(np.diff(biased, axis=1) <= 0)                             # descending biased score
+    s_sel = np.take_along_axis(s, idx, axis=1)
+    assert np.allclose(w, gamma * s_sel / s_sel.sum(axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+print("router invariants hold on every MoE layer")
+
+# %% [markdown]
+# ## 3. What the correction bias changes
+#
+# Route the same inputs again with $b = 0$. The bias changes *which* experts are picked for some tokens. Where
+# the selected set is the same, the weights are identical: the bias never enters them.
+
+# %%
+loads_bias, loads_plain = {}, {}
+print("layer  tokens with another set  experts swapped/token  bias range         load CV (bias / no bias)")
+for li in moe_layers:
+    p_layer, x = model.params["layers"][li], moe_in[li]
+    idx_b, w_b = routes[li]
+    idx_0, w_0 = route(x, p_layer["gate"], None, **ROUTER)
+    same = np.sort(idx_b, axis=1) == np.sort(idx_0, axis=1)
+    same_set = same.all(axis=1)
+    swapped = np.array([topk - len(set(a) & set(c)) for a, c in zip(idx_b.tolist(), idx_0.tolist())])
+    # same set -> same weights (compare in expert order)
+    ob, o0 = np.argsort(idx_b, axis=1), np.argsort(idx_0, axis=1)
+    assert np.allclose(np.take_along_axis(w_b, ob, 1)[same_set], np.take_along_axis(w_0, o0, 1)[same_set],
+                       rtol=1e-6, atol=1e-7)
+    loads_bias[li] = np.bincount(idx_b.ravel(), minlength=e)
+    loads_plain[li] = np.bincount(idx_0.ravel(), minlength=e)
+    assert loads_bias[li].sum() == loads_plain[li].sum() == T * topk
+    cv = [lo.std() / lo.mean() for lo in (loads_bias[li], loads_plain[li])]
+    bias = p_layer["gate_bias"]
+    print(f"{li:5d} {(~same_set).sum():12d} / {T:<4d} {swapped.mean():18.2f}      "
+          f"[{bias.min():+.3f}, {bias.max():+.3f}]   {cv[0]:.2f} / {cv[1]:.2f}")
+
+fig, axes = plt.subplots(1, len(moe_layers), figsize=(3.2 * len(moe_layers), 2.6), sharey=True)
+for ax, li in zip(np.atleast_1d(axes), moe_layers):
+    ax.bar(np.arange(e) - 0.2, loads_bias[li], width=0.4, label="with bias")
+    ax.bar(np.arange(e) + 0.2, loads_plain[li], width=0.4, label="bias = 0")
+    ax.axhline(T * topk / e, color="k", lw=0.8, ls="--")
+    ax.set_title(f"layer {li}: tokens per expert", fontsize=9)
+    ax.set_xlabel("expert")
+np.atleast_1d(axes)[0].legend(fontsize=7)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# The dashed line is the perfectly balanced load $Tk/e$; the coefficient of variation (CV = std / mean of the
+# loads) measures how far each layer is from it.
+#
+# ## 4. The latent projection
+#
+# `fc1_latent_proj` is $W_{fc1} \in \mathbb{R}^{l\times d}$: the experts only ever see $W_{fc1}x$, the input
+# projected on the $l$-dimensional row space of $W_{fc1}$. How much of the input's energy $\lVert x\rVert^2$
+# survives that projection? For comparison: a random $l$-dimensional subspace keeps $l/d$ on average, and the
+# best possible one (the top $l$ principal directions of these inputs) keeps the most (Eckart-Young).
+
+# %%
+l, d = cfg.moe_latent_size, cfg.hidden_size
+print(f"fc1 {model.params['layers'][moe_layers[0]]['fc1'].shape} (l x d), fc2 "
+      f"{model.params['layers'][moe_layers[0]]['fc2'].shape} (d x l)")
+print("layer  kept by fc1  best l-dim (PCA)  random l-dim")
+for li in moe_layers:
+    x = moe_in[li].astype(np.float64)
+    basis, _ = np.linalg.qr(model.params["layers"][li]["fc1"].T.astype(np.float64))   # [d,l] orthonormal
+    kept_fc1 = np.sum((x @ basis) ** 2) / np.sum(x ** 2)
+    sv = np.linalg.svd(x, compute_uv=False)
+    kept_best = np.sum(sv[:l] ** 2) / np.sum(sv ** 2)
+    assert 0 <= kept_fc1 <= kept_best + 1e-9 <= 1 + 1e-9
+    print(f"{li:5d} {kept_fc1:12.1%} {kept_best:17.1%} {l / d:13.1%}")
+
+# %% [markdown]
+# Finally, the MoE mixer of the model is exactly the sum of the two parts in the formula: the routed experts
+# in latent space, $W_{fc2}\,\mathrm{experts}(W_{fc1}x)$ (`latent_moe`), plus the shared expert (`mlp`). The
+# latent width also shrinks every routed expert: $2fl$ instead of $2fd$ weights each.
+
+# %%
+for li in moe_layers:
+    p_layer, x = model.params["layers"][li], moe_in[li]
+    idx, w = routes[li]
+    parts = (latent_moe(x, idx, w, p_layer["experts_up"], p_layer["experts_down"], p_layer["fc1"], p_layer["fc2"])
+             + mlp(x, p_layer["shared_up"], p_layer["shared_down"]))
+    assert np.allclose(moe_mixer(x[None], p_layer, cfg, model.backend)[0], parts, rtol=1e-5, atol=1e-6)
+
+f = cfg.moe_intermediate_size
+latent_params = e * 2 * f * l + 2 * l * d
+print(f"routed experts of one layer: {latent_params:,} weights with the latent (incl. fc1, fc2) vs "
+      f"{e * 2 * f * d:,} at full width ({latent_params / (e * 2 * f * d):.0%})")

@@ -1,0 +1,174 @@
+"""Golden vectors (nemo_scratch/golden.py, docs/oracle.md section 4) as a kernel author gets them: through the CLI.
+
+For every op of golden.OPS, ``python -m nemo_scratch golden`` (a subprocess, at a non-default shape) writes a
+file; read_golden re-loads it with the requested shapes; the reference recomputes out64 bit for bit and out32
+within (key, float32); out32 and out64 agree within (key, float32); integer outputs and EXACT ops match
+exactly; check_golden agrees and catches a tampered file. Bad --op / --shape / --seed print one line
+``error: ...`` and exit with status 2. The subprocesses run concurrently to keep the file fast.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from tolerances import TOLERANCES, assert_close
+
+from nemo_scratch import golden
+from nemo_scratch.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from nemo_scratch.errors import CheckpointError, InputError
+
+# op -> a --shape that differs from the defaults: non-multiples of the chunk, warp and NVFP4 block where it can
+SHAPES = {
+    "rms_norm": "b=2,t=3,d=37",
+    "gated_rms_norm": "b=2,t=3,i=48,g=3",
+    "causal_conv1d": "b=2,t=5,c=33,w=3",
+    "causal_conv1d_step": "b=3,c=33,w=4",
+    "ssd_scan_chunked": "b=2,t=37,h=6,p=4,g=3,n=8,chunk=16",
+    "ssd_step": "b=2,h=6,p=4,g=3,n=8",
+    "gqa_attention": "b=2,t=5,s=33,q=6,kv=2,dh=8",
+    "route": "t=5,d=24,e=12,k=3,n_group=4,topk_group=2",
+    "moe_experts": "t=7,e=5,k=3,f=12,l=9",
+    "nvfp4_matmul": "m=3,out=5,in=48",
+    "nvfp4_dequantize": "out=3,in=80",
+}
+BAD = {  # argv -> a fragment the one-line error must contain
+    ("--op", "no_such_op"): "--op 'no_such_op' has no golden vectors",
+    ("--op", "rms_norm", "--shape", "z=3"): "has no dimension 'z'",
+    ("--op", "rms_norm", "--shape", "t=x"): "t='x' is not an integer",
+    ("--op", "rms_norm", "--shape", "t=0"): "t must be positive",
+    ("--op", "gated_rms_norm", "--shape", "i=10,g=3"): "does not fit gated_rms_norm",
+    ("--op", "gqa_attention", "--shape", "t=5,s=4"): "does not fit gqa_attention",
+    ("--op", "moe_experts", "--shape", "e=2,k=3"): "k=3 distinct experts, so k <= e=2",
+    ("--op", "rms_norm", "--seed", "-1"): "--seed must be a non-negative integer",
+}
+
+
+def cli(*args):
+    return subprocess.Popen([sys.executable, "-m", "nemo_scratch", "golden", *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every CLI call of this file, started together: {op: (path, proc)} and {bad argv: proc}."""
+    folder = tmp_path_factory.mktemp("golden")
+    good = {op: (folder / f"{op}.safetensors", cli("--op", op, "--shape", spec, "--seed", 7,
+                                                   "--out", folder / f"{op}.safetensors"))
+            for op, spec in SHAPES.items()}
+    bad = {argv: cli(*argv, "--out", folder / "bad.safetensors") for argv in BAD}
+    for proc in [p for _, p in good.values()] + list(bad.values()):
+        proc.communicate(timeout=120)
+    return good, bad
+
+
+def test_every_op_has_a_shape():
+    assert sorted(SHAPES) == sorted(golden.OPS)
+
+
+@pytest.mark.parametrize("op", sorted(golden.OPS))
+def test_cli_writes_a_file_read_golden_reloads(op, runs):
+    path, proc = runs[0][op]
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == f"wrote {path}"
+    name, inputs, static, outs, meta = golden.read_golden(path)
+    defaults, make, _, outputs, key = golden.OPS[op]
+    dims = golden.parse_dims(op, SHAPES[op])
+    assert name == op and json.loads(meta["dims"]) == dims != defaults
+    assert meta["seed"] == "7" and meta["tolerance_key"] == key
+    assert meta["kernel_tolerance_key"] == golden.kernel_key(key)
+    if key != golden.EXACT:
+        rtol, atol, _ = TOLERANCES[(f"kernel_{key}", "float32")]
+        assert (float(meta["kernel_rtol"]), float(meta["kernel_atol"])) == (rtol, atol)
+    # the file holds exactly the inputs the maker draws (same seed: same values) and the op's outputs
+    want_inputs, want_static = make(np.random.default_rng(7), dims)
+    assert static == want_static and sorted(inputs) == sorted(want_inputs)
+    for arg, value in want_inputs.items():
+        assert inputs[arg].dtype == value.dtype and np.array_equal(inputs[arg], value), arg
+    assert sorted(outs["out64"]) == sorted(outs["out32"]) == sorted(outputs)
+
+
+@pytest.mark.parametrize("op", sorted(golden.OPS))
+def test_reference_reproduces_the_file(op, runs):
+    name, inputs, static, outs, meta = golden.read_golden(runs[0][op][0])
+    key = meta["tolerance_key"]
+    out64 = dict(zip(golden.OPS[op][3], golden.compute(op, inputs, static, np.float64)))
+    out32 = dict(zip(golden.OPS[op][3], golden.compute(op, inputs, static, np.float32)))
+    for n in golden.OPS[op][3]:
+        # float64: bit for bit on the machine that wrote it
+        assert out64[n].dtype == outs["out64"][n].dtype and out64[n].shape == outs["out64"][n].shape
+        assert out64[n].tobytes() == outs["out64"][n].tobytes(), n
+        if key == golden.EXACT or out32[n].dtype.kind != "f":
+            assert out32[n].dtype == outs["out32"][n].dtype and np.array_equal(out32[n], outs["out32"][n]), n
+            assert np.array_equal(outs["out32"][n], outs["out64"][n]), n
+            continue
+        assert outs["out32"][n].dtype == np.float32 and outs["out64"][n].dtype == np.float64
+        assert_close(out32[n], outs["out32"][n], key, what=f"{op} out32.{n} recomputed")
+        # float32 and float64 outputs agree within the float32 tolerance
+        assert_close(outs["out32"][n].astype(np.float64), outs["out64"][n], key, dtype=np.float32,
+                     what=f"{op} out32.{n} vs out64.{n}")
+
+
+@pytest.mark.parametrize("op", sorted(golden.OPS))
+def test_check_golden_passes_then_catches_tampering(op, runs, tmp_path):
+    path = runs[0][op][0]
+    report = golden.check_golden(path)
+    assert set(report) == {"out64", "out32", "out32_vs_out64"}
+    for check in report.values():
+        assert sorted(check) == sorted(golden.OPS[op][3]) and all(e["used"] <= 1 for e in check.values())
+    assert all(e["max_abs"] == 0.0 for e in report["out64"].values())
+    # one element of out32 moved by 1% (or, for integer outputs, by one): out of tolerance
+    f = SafetensorsFile(path)
+    tensors = {k: (np.array(f.get(k)), f.dtype_of(k)) for k in f.keys()}
+    first = f"out32.{golden.OPS[op][3][0]}"
+    bad = tensors[first][0].copy()
+    bad.flat[0] = bad.flat[0] + 1 if bad.dtype.kind in "iu" else bad.flat[0] * bad.dtype.type(1.01) + 1
+    tensors[first] = (bad, tensors[first][1])
+    tampered = write_safetensors(tmp_path / "tampered.safetensors", tensors, metadata=f.metadata)
+    with pytest.raises(CheckpointError, match=rf"out32 '{golden.OPS[op][3][0]}' of {op} is out of tolerance"):
+        golden.check_golden(tampered)
+
+
+@pytest.mark.parametrize("argv", list(BAD), ids=[" ".join(a) for a in BAD])
+def test_bad_arguments_give_one_line_error_and_status_2(argv, runs):
+    proc = runs[1][argv]
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2, (proc.returncode, proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+    assert BAD[argv] in lines[0], lines[0]
+
+
+def test_same_seed_same_file_other_seed_other_inputs(tmp_path):
+    a = golden.write_golden("ssd_step", "", tmp_path / "a.safetensors", seed=3)
+    b = golden.write_golden("ssd_step", "", tmp_path / "b.safetensors", seed=3)
+    c = golden.write_golden("ssd_step", "", tmp_path / "c.safetensors", seed=4)
+    assert a.read_bytes() == b.read_bytes()
+    assert not np.array_equal(golden.read_golden(a)[1]["x"], golden.read_golden(c)[1]["x"])
+
+
+def test_read_golden_rejects_files_that_are_not_golden(tmp_path):
+    plain = write_safetensors(tmp_path / "plain.safetensors", {"w": (np.zeros(3, np.float32), "F32")})
+    with pytest.raises(CheckpointError, match="not a golden file"):
+        golden.read_golden(plain)
+    meta = {"op": "rms_norm", "static": "{}", "tolerance_key": "rms_norm"}
+    stray = write_safetensors(tmp_path / "stray.safetensors", {"weights.w": (np.zeros(3), "F64")}, metadata=meta)
+    with pytest.raises(CheckpointError, match="'weights.w' is not in.<arg>"):
+        golden.read_golden(stray)
+    short = write_safetensors(tmp_path / "short.safetensors", {"out64.y": (np.zeros(3), "F64")}, metadata=meta)
+    with pytest.raises(CheckpointError, match=r"out32 holds \[\], expected the outputs \['y'\]"):
+        golden.read_golden(short)
+
+
+def test_compare_formula_and_exact_keys():
+    ref = np.array([1.0, -2.0, 0.0])
+    rtol, atol, _ = TOLERANCES[("ssd", "float32")]
+    edge = ref + (atol + rtol * np.abs(ref))                        # exactly on the budget
+    assert golden.compare(edge, ref, "ssd", np.float32)["used"] == pytest.approx(1.0)
+    assert golden.compare(ref + 2 * (atol + rtol * np.abs(ref)), ref, "ssd", np.float32)["used"] > 1
+    assert golden.compare(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), "ssd", np.float32)["used"] == np.inf
+    neg_zero, zero = np.array([-0.0], np.float32), np.array([0.0], np.float32)
+    assert golden.compare(neg_zero, zero, golden.EXACT, np.float32)["used"] == np.inf   # bits, not values
+    assert golden.compare(zero, zero, golden.EXACT, np.float32)["used"] == 0.0
+    with pytest.raises(InputError, match="has no golden vectors"):
+        golden.parse_dims("nope", "")
