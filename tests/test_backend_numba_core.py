@@ -21,7 +21,7 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_harness import EXAMPLES, MODES, SIMULATOR, arrays, crossing, numba_backend, seeds
+from gpu_harness import EXAMPLES, MODES, arrays, crossing, numba_backend, seeds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close

@@ -7,8 +7,6 @@ import sys
 import numpy as np
 import pytest
 
-from nemo_scratch.checkpoint import make_random_checkpoint
-from nemo_scratch.config import preset
 
 
 def run(*args, ok=True):

@@ -45,22 +45,24 @@ BAD = {  # argv -> a fragment the one-line error must contain
 }
 
 
-def cli(*args):
-    return subprocess.Popen([sys.executable, "-m", "nemo_scratch", "golden", *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def run_all(calls):
+    """Run ``{key: golden-argv}`` as concurrent ``python -m nemo_scratch golden`` subprocesses -> {key: result}."""
+    procs = {key: subprocess.Popen([sys.executable, "-m", "nemo_scratch", "golden", *map(str, argv)],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for key, argv in calls.items()}
+    outputs = {key: p.communicate(timeout=120) for key, p in procs.items()}
+    return {key: subprocess.CompletedProcess(p.args, p.returncode, *outputs[key]) for key, p in procs.items()}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Every CLI call of this file, started together: {op: (path, proc)} and {bad argv: proc}."""
+    """Every CLI call of this file, started together: ({op: (path, result)}, {bad argv: result})."""
     folder = tmp_path_factory.mktemp("golden")
-    good = {op: (folder / f"{op}.safetensors", cli("--op", op, "--shape", spec, "--seed", 7,
-                                                   "--out", folder / f"{op}.safetensors"))
-            for op, spec in SHAPES.items()}
-    bad = {argv: cli(*argv, "--out", folder / "bad.safetensors") for argv in BAD}
-    for proc in [p for _, p in good.values()] + list(bad.values()):
-        proc.communicate(timeout=120)
-    return good, bad
+    paths = {op: folder / f"{op}.safetensors" for op in SHAPES}
+    results = run_all({**{op: ("--op", op, "--shape", spec, "--seed", 7, "--out", paths[op])
+                          for op, spec in SHAPES.items()},
+                       **{argv: (*argv, "--out", folder / "bad.safetensors") for argv in BAD}})
+    return {op: (paths[op], results[op]) for op in SHAPES}, {argv: results[argv] for argv in BAD}
 
 
 def test_every_op_has_a_shape():

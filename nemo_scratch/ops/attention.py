@@ -12,9 +12,8 @@ from ..errors import ShapeError
 from .common import check_float, check_shape, get_xp
 
 
-def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
-    """softmax(q k^T * dh**-0.5 + causal mask) v, with the query heads grouped over the kv heads."""
-    name = "gqa_attention"
+def check_attention(name, q, k, v):  # -> (dtype, b, t, s, nq, nkv, dh)
+    """The argument rules of the attention ops (shared with the GPU backends' launchers)."""
     dtype = check_float(name, q, k, v)
     check_shape(name, "q", q, (None, None, None, None))
     b, t, nq, dh = q.shape
@@ -26,6 +25,12 @@ def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh]
                          f"of the s key positions, so 1 <= s and t <= s")
     if nkv < 1 or nq % nkv:
         raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
+    return dtype, b, t, s, nq, nkv, dh
+
+
+def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
+    """softmax(q k^T * dh**-0.5 + causal mask) v, with the query heads grouped over the kv heads."""
+    dtype, b, t, s, nq, nkv, dh = check_attention("gqa_attention", q, k, v)
     xp = get_xp(q, k, v)
     # [b, t, kv, r, dh]: query head j = gg * r + i (r = q/kv) lands at [gg, i] and reads kv head gg = j // r
     qg = q.reshape(b, t, nkv, nq // nkv, dh)

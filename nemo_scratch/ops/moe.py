@@ -30,15 +30,8 @@ def _top(scores, k):  # [t, m] -> [t, k] int64
     return xp.argsort(-scores, axis=-1, kind="stable")[:, :k].astype(xp.int64)
 
 
-def route(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
-          routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
-    """NemotronHTopkRouter (= DeepseekV3TopkRouter, transformers 5.23): sigmoid scores, biased group-limited
-    top-k selection, unbiased weights.
-
-    idx is ordered by descending biased score, ties to the lower expert index (transformers' topk is
-    unsorted, so only the selected SET is comparable with it); group ties go to the lower group index.
-    """
-    name = "route"
+def check_route(name, x, gate_weight, correction_bias, top_k, n_group, topk_group):  # -> dtype
+    """The argument rules of the router (shared with the GPU backends' launchers)."""
     dtype = check_float(name, x, *_dense(gate_weight), correction_bias)
     check_shape(name, "x", x, (None, None))
     t, d = x.shape
@@ -53,6 +46,19 @@ def route(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_
     if not 1 <= top_k <= topk_group * (e // n_group):
         raise InputError(f"{name}: top_k={top_k}, expected 1 <= top_k <= {topk_group * (e // n_group)} (the "
                          f"experts in the topk_group={topk_group} kept groups of {e // n_group})")
+    return dtype
+
+
+def route(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
+          routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
+    """NemotronHTopkRouter (= DeepseekV3TopkRouter, transformers 5.23): sigmoid scores, biased group-limited
+    top-k selection, unbiased weights.
+
+    idx is ordered by descending biased score, ties to the lower expert index (transformers' topk is
+    unsorted, so only the selected SET is comparable with it); group ties go to the lower group index.
+    """
+    dtype = check_route("route", x, gate_weight, correction_bias, top_k, n_group, topk_group)
+    (t, _), e = x.shape, gate_weight.shape[0]
     xp = get_xp(x, gate_weight, correction_bias)
     # s = sigmoid(x gate^T)                                  [t, e]
     s = sigmoid(linear(x, gate_weight))

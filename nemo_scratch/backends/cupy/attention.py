@@ -11,7 +11,7 @@ import numpy as np
 
 from ...errors import ShapeError
 from ...ops import attention as attention_ref
-from ...ops.common import check_float, check_shape
+from ...ops.attention import check_attention
 from .loader import MAX_SHARED_BYTES, cdiv, device_f32, f32, get_kernel, i32, i64
 
 CU_FILE = "attention.cu"
@@ -29,18 +29,8 @@ MERGE_ROWS = 4         # output rows a merge block (one warp each)
 
 
 def _check(name, q, k, v):
-    """The reference's argument rules; returns (dtype, b, t, s, nq, nkv, dh)."""
-    dtype = check_float(name, q, k, v)
-    check_shape(name, "q", q, (None, None, None, None))
-    b, t, nq, dh = q.shape
-    check_shape(name, "k", k, (b, None, None, dh))
-    s, nkv = k.shape[1:3]
-    check_shape(name, "v", v, (b, s, nkv, dh))
-    if s < 1 or t > s:
-        raise ShapeError(f"{name}: q has t={t} positions but k has only s={s}; the queries are the last t "
-                         f"of the s key positions, so 1 <= s and t <= s")
-    if nkv < 1 or nq % nkv:
-        raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
+    """The reference's argument rules (ops.attention.check_attention) plus the kernels' head-dim limit."""
+    dtype, b, t, s, nq, nkv, dh = check_attention(name, q, k, v)
     if dtype == np.float32 and dh > ATT_MAX_DH:
         raise ShapeError(f"{name}: head dim dh={dh}; the cupy attention kernels hold at most {ATT_MAX_DH} "
                          "dims a row in registers")

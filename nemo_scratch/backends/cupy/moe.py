@@ -48,24 +48,13 @@ def route_cupy(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, 
     args = (x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
     if _packed(gate_weight) or check_float(name, x, gate_weight, correction_bias) != np.float32:
         return moe_ref.route(*args)
-    check_shape(name, "x", x, (None, None))
-    t, d = x.shape
-    check_shape(name, "gate_weight", gate_weight, (None, d))
-    e = gate_weight.shape[0]
-    if correction_bias is not None:
-        check_shape(name, "correction_bias", correction_bias, (e,))
-    if not 1 <= n_group <= e or e % n_group:
-        raise InputError(f"{name}: n_group={n_group} must divide the e={e} experts")
-    if not 1 <= topk_group <= n_group:
-        raise InputError(f"{name}: topk_group={topk_group}, expected 1 <= topk_group <= n_group={n_group}")
-    if not 1 <= top_k <= topk_group * (e // n_group):
-        raise InputError(f"{name}: top_k={top_k}, expected 1 <= top_k <= {topk_group * (e // n_group)} (the "
-                         f"experts in the topk_group={topk_group} kept groups of {e // n_group})")
+    moe_ref.check_route(name, x, gate_weight, correction_bias, top_k, n_group, topk_group)
+    (t, d), e = x.shape, gate_weight.shape[0]
     import cupy as xp
 
+    if correction_bias is None:
+        correction_bias = xp.zeros(e, dtype=np.float32)  # s + 0 == s exactly
     x, gate_weight, bias = device_f32(xp, x, gate_weight, correction_bias)
-    if bias is None:
-        bias = xp.zeros(e, dtype=np.float32)  # s + 0 == s exactly
     idx = xp.empty((t, top_k), dtype=np.int64)
     w = xp.empty((t, top_k), dtype=np.float32)
     if t == 0:

@@ -28,9 +28,9 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, float32
 
-from ...errors import ShapeError
 from ...ops import attention as attention_ref
-from ...ops.common import check_float, check_shape, get_xp
+from ...ops.attention import check_attention
+from ...ops.common import check_float, get_xp
 from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
 
 SIM = simulator_enabled()
@@ -182,17 +182,8 @@ def _attention(q, k, v, causal, split_keys):  # [b,t,q,dh], [b,s,kv,dh] x2 -> [b
 
 
 def _check(name, q, k, v):
-    """The reference's shape rules (ops.attention.gqa_attention), checked before any launch."""
-    check_shape(name, "q", q, (None, None, None, None))
-    b, t, nq, dh = q.shape
-    check_shape(name, "k", k, (b, None, None, dh))
-    s, nkv = k.shape[1:3]
-    check_shape(name, "v", v, (b, s, nkv, dh))
-    if s < 1 or t > s:
-        raise ShapeError(f"{name}: q has t={t} positions but k has only s={s}; the queries are the last t "
-                         f"of the s key positions, so 1 <= s and t <= s")
-    if nkv < 1 or nq % nkv:
-        raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
+    """The reference's shape rules (ops.attention.check_attention), checked before any launch."""
+    check_attention(name, q, k, v)
 
 
 def gqa_attention_numba(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]

@@ -150,7 +150,7 @@ def route_numba(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1,
     dense = not isinstance(gate_weight, (NVFP4Weight, FP8Weight))
     if not dense or check_float("route", x, gate_weight, correction_bias) != np.float32:
         return moe_ref.route(x, gate_weight, correction_bias, *args)
-    moe_ref.route(x[:0] if x.ndim else x, gate_weight, correction_bias, *args)  # checks only (no tokens)
+    moe_ref.check_route("route", x, gate_weight, correction_bias, *args[:3])
     xp = get_xp(x, gate_weight, correction_bias)
     t, e = x.shape[0], gate_weight.shape[0]
     bias = xp.zeros(e, dtype=np.float32) if correction_bias is None else correction_bias
