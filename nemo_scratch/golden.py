@@ -143,7 +143,13 @@ def kernel_key(key):
 
 
 def _rtol_atol(key, dtype):
-    return (0.0, 0.0) if key == EXACT else tolerance_table()[(key, np.dtype(dtype).name)][:2]
+    """(rtol, atol) of TOLERANCES[(key, dtype)]; (0, 0) for EXACT."""
+    if key == EXACT:
+        return 0.0, 0.0
+    entry = tolerance_table().get((key, np.dtype(dtype).name))
+    if entry is None:
+        raise InputError(f"tolerance key {key!r} has no {np.dtype(dtype).name} entry in {TOLERANCE_FILE}")
+    return entry[:2]
 
 
 def compare(got, ref, key, dtype):  # [...], [...] -> {"max_abs", "max_rel", "used"}
@@ -167,6 +173,7 @@ def compare(got, ref, key, dtype):  # [...], [...] -> {"max_abs", "max_rel", "us
     if not np.array_equal(np.isfinite(g), fin) or not np.array_equal(g[~fin], r[~fin], equal_nan=True):
         return {**out, "used": float("inf")}
     rtol, atol = _rtol_atol(key, dtype)
+    # used = max |got - ref| / (atol + rtol * |ref|)
     budget = atol + rtol * np.abs(r[fin])
     return {**out, "used": float((err / budget).max(initial=0.0))}
 

@@ -151,8 +151,9 @@ assert qw[0].nbytes == numel / 2 + numel / 16 + 4
 assert tensor_bytes(numel, "nvfp4") == qw[0].nbytes + 4                  # + input_scale in the checkpoint
 print(f"one expert [{w.shape[1]}x{w.shape[2]}]: {qw[0].nbytes} bytes = {bits:.4f} bits/weight "
       f"(BF16: {2 * numel} bytes)")
-ultra_up = cfg.moe_intermediate_size and 5120 * 2048                     # an Ultra expert up_proj: f x l
-print(f"an Ultra expert [5120x2048]: {8 * tensor_bytes(ultra_up, 'nvfp4') / ultra_up:.6f} bits/weight")
+ultra = nemo_scratch.preset("ultra")
+f_u, l_u = ultra.moe_intermediate_size, ultra.moe_latent_size              # an Ultra expert up_proj: [f, l]
+print(f"an Ultra expert [{f_u}x{l_u}]: {8 * tensor_bytes(f_u * l_u, 'nvfp4') / (f_u * l_u):.6f} bits/weight")
 
 # %% [markdown]
 # ## 3. Quantize the whole model
@@ -187,8 +188,9 @@ with tempfile.TemporaryDirectory() as tmp:
             print(format_inspection(report), "\n")
             assert isinstance(qmodel.params["layers"][moe]["experts_up"], NVFP4Weight)
 bf16_mb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e6
-print(f"BF16 checkpoint: {bf16_mb:.2f} MB")
+print(f"{'recipe':8s}{'MB':>7s}{'bits/param':>12s}{'rel. logit err':>16s}{'top-1 agree':>13s}{'KL nats/token':>15s}")
+print(f"{'bf16':8s}{bf16_mb:7.2f}{inspect_checkpoint(model.path)['bits_per_param']:12.2f}")
 for recipe, r in results.items():
-    print(f"recipe {recipe}: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in r.items()))
+    print(f"{recipe:8s}{r['MB']:7.2f}{r['bits/param']:12.2f}{r['rel. logit error']:16.4f}"
+          f"{r['top-1 agreement']:13.1%}{r['KL (nats/token)']:15.2e}   {r['formats']}")
     assert r["rel. logit error"] < 0.5 and r["MB"] < bf16_mb

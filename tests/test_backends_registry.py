@@ -99,3 +99,29 @@ def test_numba_backend_on_the_simulator():
     assert isinstance(dev, np.ndarray) and isinstance(be.to_numpy(dev), np.ndarray)
     assert_close(be.to_numpy(be.rms_norm(dev, be.asarray(weight), 1e-5)), norm.rms_norm(x, weight, 1e-5),
                  "kernel_rms_norm")
+
+
+def test_docs_backends_table_matches_the_kernel_tables():
+    """docs/backends.md lists exactly the ops each GPU backend binds to a kernel, with the right entry points."""
+    import re
+    from pathlib import Path
+
+    from nemo_scratch.backends.cupy import KERNELS as CUPY
+    from nemo_scratch.backends.numba_cuda import KERNELS as NUMBA
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "backends.md").read_text()
+    rows = [line.split("|")[1:-1] for line in doc.splitlines() if line.startswith("| `")]
+    documented_numba, documented_cupy = {}, {}
+    for cells in rows:
+        ops = re.findall(r"`(\w+)`", cells[0].split("(")[0])
+        numba_entry = re.fullmatch(r"\s*`(\w+)\.(\w+)`\s*", cells[1])
+        cu_file = re.match(r"\s*`(\w+)\.cu`", cells[3])
+        for op in ops:
+            if numba_entry:
+                documented_numba[op] = numba_entry.groups()
+            if cu_file:
+                documented_cupy[op] = cu_file.group(1)
+    assert documented_numba == {op: tuple(v) for op, v in NUMBA.items()}
+    assert set(documented_cupy) == set(CUPY)
+    for op, (module, entry) in CUPY.items():
+        assert entry.endswith("_cupy") and module == documented_cupy[op], (op, module)

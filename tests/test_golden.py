@@ -4,7 +4,8 @@ For every op of golden.OPS, ``python -m nemo_scratch golden`` (a subprocess, at 
 file; read_golden re-loads it with the requested shapes; the reference recomputes out64 bit for bit and out32
 within (key, float32); out32 and out64 agree within (key, float32); integer outputs and EXACT ops match
 exactly; check_golden agrees and catches a tampered file. Bad --op / --shape / --seed print one line
-``error: ...`` and exit with status 2. The subprocesses run concurrently to keep the file fast.
+``error: ...`` and exit with status 2 (a few as subprocesses, all through ``cli.main``). The subprocesses run
+concurrently to keep the file fast.
 """
 
 import json
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 from tolerances import TOLERANCES, assert_close
 
-from nemo_scratch import golden
+from nemo_scratch import cli, golden
 from nemo_scratch.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
 from nemo_scratch.errors import CheckpointError, InputError
 
@@ -33,16 +34,17 @@ SHAPES = {
     "nvfp4_matmul": "m=3,out=5,in=48",
     "nvfp4_dequantize": "out=3,in=80",
 }
-BAD = {  # argv -> a fragment the one-line error must contain
+BAD = {  # argv -> a fragment the one-line error must contain; the first three run as subprocesses
     ("--op", "no_such_op"): "--op 'no_such_op' has no golden vectors",
     ("--op", "rms_norm", "--shape", "z=3"): "has no dimension 'z'",
+    ("--op", "gated_rms_norm", "--shape", "i=10,g=3"): "does not fit gated_rms_norm",
     ("--op", "rms_norm", "--shape", "t=x"): "t='x' is not an integer",
     ("--op", "rms_norm", "--shape", "t=0"): "t must be positive",
-    ("--op", "gated_rms_norm", "--shape", "i=10,g=3"): "does not fit gated_rms_norm",
     ("--op", "gqa_attention", "--shape", "t=5,s=4"): "does not fit gqa_attention",
     ("--op", "moe_experts", "--shape", "e=2,k=3"): "k=3 distinct experts, so k <= e=2",
     ("--op", "rms_norm", "--seed", "-1"): "--seed must be a non-negative integer",
 }
+SUBPROCESS_BAD = list(BAD)[:3]
 
 
 def run_all(calls):
@@ -61,8 +63,8 @@ def runs(tmp_path_factory):
     paths = {op: folder / f"{op}.safetensors" for op in SHAPES}
     results = run_all({**{op: ("--op", op, "--shape", spec, "--seed", 7, "--out", paths[op])
                           for op, spec in SHAPES.items()},
-                       **{argv: (*argv, "--out", folder / "bad.safetensors") for argv in BAD}})
-    return {op: (paths[op], results[op]) for op in SHAPES}, {argv: results[argv] for argv in BAD}
+                       **{argv: (*argv, "--out", folder / "bad.safetensors") for argv in SUBPROCESS_BAD}})
+    return {op: (paths[op], results[op]) for op in SHAPES}, {argv: results[argv] for argv in SUBPROCESS_BAD}
 
 
 def test_every_op_has_a_shape():
@@ -132,13 +134,24 @@ def test_check_golden_passes_then_catches_tampering(op, runs, tmp_path):
         golden.check_golden(tampered)
 
 
-@pytest.mark.parametrize("argv", list(BAD), ids=[" ".join(a) for a in BAD])
+def assert_one_line_error(returncode, stderr, fragment):
+    lines = stderr.strip().splitlines()
+    assert returncode == 2, (returncode, stderr)
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in stderr, stderr
+    assert fragment in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv", SUBPROCESS_BAD, ids=[" ".join(a) for a in SUBPROCESS_BAD])
 def test_bad_arguments_give_one_line_error_and_status_2(argv, runs):
-    proc = runs[1][argv]
-    lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2, (proc.returncode, proc.stderr)
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
-    assert BAD[argv] in lines[0], lines[0]
+    assert_one_line_error(runs[1][argv].returncode, runs[1][argv].stderr, BAD[argv])
+
+
+@pytest.mark.parametrize("argv", list(BAD), ids=[" ".join(a) for a in BAD])
+def test_bad_arguments_in_process(argv, tmp_path, capsys):
+    """The same error path through cli.main (what the subprocess runs), for every bad argument."""
+    code = cli.main(["golden", *argv, "--out", str(tmp_path / "bad.safetensors")])
+    assert_one_line_error(code, capsys.readouterr().err, BAD[argv])
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_same_seed_same_file_other_seed_other_inputs(tmp_path):
@@ -174,3 +187,5 @@ def test_compare_formula_and_exact_keys():
     assert golden.compare(zero, zero, golden.EXACT, np.float32)["used"] == 0.0
     with pytest.raises(InputError, match="has no golden vectors"):
         golden.parse_dims("nope", "")
+    with pytest.raises(InputError, match="tolerance key 'nope' has no float32 entry"):
+        golden.compare(ref, ref, "nope", np.float32)

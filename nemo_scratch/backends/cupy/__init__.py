@@ -28,6 +28,7 @@ KERNELS = {
     "causal_conv1d": ("conv", "causal_conv1d_cupy"),
     "causal_conv1d_step": ("conv", "causal_conv1d_step_cupy"),
     "ssd_scan": ("ssd", "ssd_scan_chunked_cupy"),
+    "ssd_scan_chunked": ("ssd", "ssd_scan_chunked_cupy"),
     "ssd_step": ("ssd", "ssd_step_cupy"),
     # -- issue 8: attention, MoE routing and experts, NVFP4/FP8 matmuls
     "gqa_attention": ("attention", "gqa_attention_cupy"),

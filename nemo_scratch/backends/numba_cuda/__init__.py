@@ -25,6 +25,7 @@ KERNELS = {
     "causal_conv1d": ("conv", "causal_conv1d_numba"),
     "causal_conv1d_step": ("conv", "causal_conv1d_step_numba"),
     "ssd_scan": ("ssd", "ssd_scan_chunked_numba"),
+    "ssd_scan_chunked": ("ssd", "ssd_scan_chunked_numba"),
     "ssd_step": ("ssd", "ssd_step_numba"),
     # issue 8: attention, MoE, NVFP4/FP8 (linear and mlp route packed weights to the fused matmuls)
     "gqa_attention": ("attention", "gqa_attention_numba"),

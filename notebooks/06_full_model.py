@@ -1,0 +1,174 @@
+# %% [markdown]
+# # 06 · The full model, end to end
+#
+# A Nemotron 3 model is a stack of residual blocks, each with exactly one mixer (Mamba-2 `M`, attention `*`,
+# MoE `E`, or a dense MLP `-`), between an embedding table and an untied output head:
+#
+# $$
+# h^{(0)} = E[x], \qquad h^{(i+1)} = h^{(i)} + \mathrm{mixer}_i\big(\mathrm{RMSNorm}_i(h^{(i)})\big), \qquad
+# \mathrm{logits} = \mathrm{RMSNorm}_f(h^{(n)})\, W_{head}^\top .
+# $$
+#
+# This notebook runs the bundled tiny model as a whole (forward, cached decoding, generation), then does the
+# accounting for the real sizes, from their configs alone: parameters, checkpoint bytes and GPU memory of
+# Nano, Super and Ultra, next to NVIDIA's published figures.
+
+# %%
+import matplotlib
+
+if "inline" not in matplotlib.get_backend():  # Jupyter renders inline; anywhere else draw off-screen (Agg)
+    matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+
+import nemo_scratch
+from nemo_scratch.checkpoint.convert import inspect_checkpoint
+from nemo_scratch.model.generate import token_probs
+from nemo_scratch.params import PUBLISHED, count_params, format_plan, plan
+
+# %% [markdown]
+# ## 1. Load and run forward
+#
+# The bundled model has every ingredient at toy size. Its tokenizer is byte-level (token id = byte value),
+# so the next-token loss in bits is directly *bits per byte*; a model that knows nothing scores
+# $\log_2 256 = 8$.
+
+# %%
+model = nemo_scratch.load()
+cfg = model.cfg
+tok = model.tokenizer
+print(model)
+print(f"layers '{cfg.hybrid_override_pattern}' + MTP '{cfg.mtp_hybrid_override_pattern}', d={cfg.hidden_size}, "
+      f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent l={cfg.moe_latent_size}")
+
+text = "The little robot counted the birds on the roof, the clouds in the sky and the steps to the garden."
+ids = np.array([tok.encode(text)])                                       # [1, t]
+logits = model.forward(ids)                                              # [1, t, v]
+assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and logits.dtype == np.float32
+p_next = token_probs(logits[0, :-1])                                     # [t-1, v] float64
+nll_bits = -np.log2(p_next[np.arange(ids.shape[1] - 1), ids[0, 1:]])     # bits per byte at each position
+print(f"next-byte loss on the text: {nll_bits.mean():.2f} bits per byte (uniform guess: 8)")
+
+fig, ax = plt.subplots(figsize=(8, 2.2))
+ax.bar(np.arange(1, ids.shape[1]), nll_bits, width=1.0)
+ax.set_xticks(np.arange(1, ids.shape[1]), list(text[1:]), fontsize=5)
+ax.set_ylabel("bits")
+ax.set_title("surprise of each byte given the ones before it", fontsize=9)
+fig.tight_layout()
+plt.show()
+
+# %% [markdown]
+# ## 2. Cached decoding equals the full forward
+#
+# Generation runs one token at a time with a cache: per Mamba layer the last conv inputs and the SSM state,
+# per attention layer the keys and values. A prefill of the first half followed by single-token steps must give
+# the logits of one forward over the whole text.
+
+# %%
+cache = model.new_cache(1)
+half = ids.shape[1] // 2
+stepped = [model.forward(ids[:, :half], cache)]
+for s in range(half, ids.shape[1]):
+    stepped.append(model.forward(ids[:, s:s + 1], cache))
+stepped = np.concatenate(stepped, axis=1)
+print(f"max |cached - full| = {np.abs(stepped - logits).max():.1e}")
+assert cache.length == ids.shape[1]
+assert np.allclose(stepped, logits, rtol=1e-4, atol=1e-4)
+
+# %% [markdown]
+# ## 3. Generation
+#
+# Greedy decoding takes the argmax at every step. `Model.generate` uses the cache; the naive loop below
+# recomputes the whole sequence for every new token. They must pick the same tokens. Sampling at a
+# temperature with nucleus (top-p) truncation is one argument away.
+
+# %%
+prompt = "Every morning the little robot"
+pids = tok.encode(prompt)
+greedy = model.generate(pids, 32)
+naive = list(pids)
+for _ in range(32):
+    naive.append(int(model.forward([naive])[0, -1].argmax()))
+assert greedy.ids[0].tolist() == naive[len(pids):]
+print("greedy :", repr(prompt + tok.decode(greedy.ids[0])))
+sampled = model.generate(pids, 32, greedy=False, temperature=0.8, top_p=0.9, seed=0)
+print("sampled:", repr(prompt + tok.decode(sampled.ids[0])))
+print(f"{greedy.tokens_per_s:.0f} tokens/s greedy on the NumPy reference")
+
+# %% [markdown]
+# ## 4. Counting parameters and bytes
+#
+# `params.plan` needs only a config: it lists every tensor the config implies (the same list the loader
+# checks checkpoints against) and adds up parameters, bytes under a storage recipe, and an even split over
+# GPUs. *Active* parameters count the routed experts at $k/e$ (only $k$ of $e$ run per token) and leave out
+# the embedding lookup. First the bundled model, where the count must equal what is actually in its
+# checkpoint.
+
+# %%
+tiny = count_params(cfg)
+stored = inspect_checkpoint(model.path)
+assert tiny["total_with_mtp"] == stored["total_params"]
+print(f"bundled model: {tiny['total']:,} parameters ({tiny['total_with_mtp']:,} with MTP), "
+      f"{tiny['active']:,} active per token; checkpoint {stored['file_bytes'] / 1e6:.2f} MB")
+
+# %% [markdown]
+# Then the real models. Recipes: `bf16` stores everything in 16 bits; `nano`, `super` and `ultra` are
+# NVIDIA's NVFP4 recipes (4.5-bit routed experts, FP8 or NVFP4 elsewhere, some layers kept in BF16).
+
+# %%
+GB, GIB = 1e9, 2 ** 30
+rows = [(cfg, "bf16")] + [(name, recipe) for name in ("nano", "super", "ultra") for recipe in ("bf16", name)]
+reports = {}
+print(f"{'model':8s}{'recipe':8s}{'total':>10s}{'active':>9s}{'checkpoint':>12s}{'bits/param':>11s}"
+      f"{'per GPU (8x80 GiB)':>20s}")
+for model_cfg, recipe in rows:
+    r = plan(model_cfg, recipe, gpus=8, gpu_mem_gib=80)
+    name = "tiny" if r["model"] == "custom config" else r["model"]
+    reports[name, recipe] = r
+    p, b, g = r["params"], r["bytes"], r["gpus"]
+    print(f"{name:8s}{recipe:8s}{p['total'] / GB:9.2f}B{p['active'] / GB:8.2f}B{b['total'] / GB:9.1f} GB"
+          f"{b['bits_per_param']:11.2f}{g['per_gpu_gib']:11.1f} GiB {'fits' if g['fits'] else 'NO'}")
+
+# %% [markdown]
+# ### Against the published figures
+#
+# NVIDIA publishes total and active parameters (and, for Ultra, the NVFP4 checkpoint size). Our counts come
+# only from the configs in `nemo_scratch.config.PRESETS` (Ultra's config is partly reconstructed, see there).
+
+# %%
+for name in ("nano", "super", "ultra"):
+    p = reports[name, "bf16"]["params"]
+    for key in ("total", "active"):
+        ref = PUBLISHED[name][key]
+        print(f"{name:6s} {key:7s} {p[key] / GB:8.2f}B   published {ref / GB:6.1f}B   {p[key] / ref - 1:+.1%}")
+        assert abs(p[key] / ref - 1) < 0.025, (name, key)
+
+print()
+print(format_plan(reports["ultra", "ultra"]))
+
+# %% [markdown]
+# **Ultra on one node.** With the `ultra` recipe the 550B-parameter model is about 352 GB, about 5 bits per
+# parameter: most weights are 4.5-bit routed experts, the rest FP8 or BF16. Split over 8 GPUs of 80 GiB that is
+# about 41 GiB of weights per GPU, leaving room for the KV cache, the SSM states and the activations.
+
+# %%
+ultra = reports["ultra", "ultra"]
+bits = ultra["bytes"]["bits_per_param"]
+assert ultra["gpus"]["fits"] and ultra["gpus"]["per_gpu_gib"] < 80
+assert 4.9 < bits < 5.1, bits
+assert abs(ultra["bytes"]["total"] / PUBLISHED["ultra"]["bytes"]["ultra"] - 1) < 0.01
+
+fig, ax = plt.subplots(figsize=(6, 2.4))
+for y, recipe in enumerate(("bf16", "ultra")):
+    left = 0.0
+    for j, (fmt, row) in enumerate(reports["ultra", recipe]["bytes"]["by_format"].items()):
+        ax.barh(y, row["bytes"] / GB, left=left, color=f"C{['bf16', 'f32', 'fp8', 'nvfp4'].index(fmt)}",
+                label=fmt if recipe == "bf16" or fmt in ("fp8", "nvfp4") else None)
+        left += row["bytes"] / GB
+ax.axvline(8 * 80 * GIB / GB, color="k", ls="--", lw=0.8)
+ax.text(8 * 80 * GIB / GB, 1.4, " 8 x 80 GiB", fontsize=7, va="center")
+ax.set(yticks=[0, 1], yticklabels=["bf16", "ultra (NVFP4)"], xlabel="GB", ylim=(-0.5, 1.6))
+ax.set_title("Nemotron 3 Ultra checkpoint by storage format", fontsize=9)
+ax.legend(fontsize=7, loc="lower right")
+fig.tight_layout()
+plt.show()
