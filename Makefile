@@ -23,13 +23,14 @@ $(VENV)/.dev: pyproject.toml | $(PY)
 demo: $(VENV)/.core
 	$(VENV)/bin/nemo-scratch demo
 
+# Without a GPU, tests/gpu_harness.py switches numba to the CUDA simulator; with one, the gpu tests run.
 test: $(VENV)/.dev
-	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests
 	$(PY) -m pytest -q --nbmake notebooks
 
 # Without the transformers oracle and notebooks: the quick inner loop.
 test-fast: $(VENV)/.dev
-	NUMBA_ENABLE_CUDASIM=1 $(PY) -m pytest -q -m "not oracle and not slow" tests
+	$(PY) -m pytest -q -m "not oracle and not slow" tests
 
 # On a machine with a CUDA GPU (install the gpu-cuda12 or gpu-cuda13 extra first).
 test-gpu: $(VENV)/.dev

@@ -117,8 +117,17 @@ def cmd_plan(args):
 
 
 def cmd_golden(args):
-    from .golden import write_golden
+    from .golden import check_golden, write_golden
 
+    if args.check:
+        report = check_golden(args.check)
+        for tag, errors in report.items():
+            for name, e in errors.items():
+                print(f"{tag}.{name}: max abs {e['max_abs']:.3e}, {100 * e['used']:.1f}% of the tolerance budget")
+        print(f"{args.check}: reproduces with this version of the reference")
+        return
+    if not args.op or not args.out:
+        raise InputError("golden: pass --op NAME and --out FILE (or --check FILE)")
     path = write_golden(args.op, args.shape, args.out, seed=args.seed)
     print(f"wrote {path}")
 
@@ -195,9 +204,10 @@ def build_parser():
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("golden", help="export an op's inputs and reference outputs (float64 and float32)")
-    p.add_argument("--op", required=True)
+    p.add_argument("--op")
     p.add_argument("--shape", default="", help="dimension sizes, e.g. b=1,t=16,h=4,p=8,g=2,n=8")
-    p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--out", type=Path)
+    p.add_argument("--check", type=Path, help="recompute an existing golden file and compare")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_golden)
 

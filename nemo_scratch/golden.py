@@ -12,17 +12,13 @@ to read and compare it; ``check_golden(path)`` recomputes with the reference and
 
 from __future__ import annotations
 
-import functools
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 
 from .errors import CheckpointError, InputError, NemoScratchError
 from .ops import attention, conv, moe, norm, quant, ssd
 
-TOLERANCE_FILE = Path(__file__).resolve().parent.parent / "tests" / "tolerances.py"
 EXACT = "exact"   # the tolerance key of bit-exact decodes: compare bit patterns, never "close"
 
 
@@ -125,16 +121,11 @@ OPS = {
 
 # ------------------------------------------------------------------------------------------------ tolerances
 
-@functools.lru_cache(maxsize=None)
 def tolerance_table():
-    """TOLERANCES of tests/tolerances.py, the project's one table, read from the checkout beside the package."""
-    if not TOLERANCE_FILE.is_file():
-        raise InputError(f"golden vectors need the tolerance table {TOLERANCE_FILE}, which ships with a checkout "
-                         "of the repository (install it with `pip install -e .`)")
-    spec = importlib.util.spec_from_file_location("nemo_scratch_tolerances", TOLERANCE_FILE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.TOLERANCES
+    """The project's one tolerance table (nemo_scratch/tolerances.py, also tests/tolerances.py)."""
+    from .tolerances import TOLERANCES
+
+    return TOLERANCES
 
 
 def kernel_key(key):
@@ -148,7 +139,7 @@ def _rtol_atol(key, dtype):
         return 0.0, 0.0
     entry = tolerance_table().get((key, np.dtype(dtype).name))
     if entry is None:
-        raise InputError(f"tolerance key {key!r} has no {np.dtype(dtype).name} entry in {TOLERANCE_FILE}")
+        raise InputError(f"tolerance key {key!r} has no {np.dtype(dtype).name} entry in nemo_scratch/tolerances.py")
     return entry[:2]
 
 

@@ -1,3 +1,19 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 04 · Multi-token prediction and speculative decoding
 #
@@ -79,7 +95,7 @@ fig.tight_layout()
 plt.show()
 
 # %% [markdown]
-# `show_speculation` prints every round: accepted drafts in `[brackets]`, the first rejected one marked `x`,
+# `show_speculation` prints every round: accepted drafts in `[brackets]`, rejected ones marked `x`,
 # then the backbone's own token that ends the round.
 
 # %%

@@ -1,3 +1,19 @@
+# ---
+# jupyter:
+#   jupytext:
+#     cell_metadata_filter: -all
+#     formats: ipynb,py:percent
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#       jupytext_version: 1.19.6
+#   kernelspec:
+#     display_name: Python 3 (ipykernel)
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 06 · The full model, end to end
 #
@@ -117,17 +133,27 @@ print(f"bundled model: {tiny['total']:,} parameters ({tiny['total_with_mtp']:,} 
 
 # %%
 GB, GIB = 1e9, 2 ** 30
+
+
+def human(x, unit=""):
+    """1.9M, 31.58B, 352.3G: three significant figures with a suffix."""
+    for scale, suffix in ((1e12, "T"), (1e9, "G" if unit else "B"), (1e6, "M"), (1e3, "k")):
+        if abs(x) >= scale:
+            return f"{x / scale:.4g}{suffix}{unit}"
+    return f"{x:.4g}{unit}"
+
+
 rows = [(cfg, "bf16")] + [(name, recipe) for name in ("nano", "super", "ultra") for recipe in ("bf16", name)]
 reports = {}
-print(f"{'model':8s}{'recipe':8s}{'total':>10s}{'active':>9s}{'checkpoint':>12s}{'bits/param':>11s}"
-      f"{'per GPU (8x80 GiB)':>20s}")
+print(f"{'model':7s}{'recipe':7s}{'total':>9s}{'active':>9s}{'checkpoint':>12s}{'bits/param':>12s}"
+      f"{'per GPU of 8 x 80 GiB':>26s}")
 for model_cfg, recipe in rows:
     r = plan(model_cfg, recipe, gpus=8, gpu_mem_gib=80)
     name = "tiny" if r["model"] == "custom config" else r["model"]
     reports[name, recipe] = r
     p, b, g = r["params"], r["bytes"], r["gpus"]
-    print(f"{name:8s}{recipe:8s}{p['total'] / GB:9.2f}B{p['active'] / GB:8.2f}B{b['total'] / GB:9.1f} GB"
-          f"{b['bits_per_param']:11.2f}{g['per_gpu_gib']:11.1f} GiB {'fits' if g['fits'] else 'NO'}")
+    print(f"{name:7s}{recipe:7s}{human(p['total']):>9s}{human(p['active']):>9s}{human(b['total'], 'B'):>12s}"
+          f"{b['bits_per_param']:12.2f}{g['per_gpu_gib']:16.2f} GiB {'fits' if g['fits'] else 'NO':>4s}")
 
 # %% [markdown]
 # ### Against the published figures
@@ -158,17 +184,19 @@ assert ultra["gpus"]["fits"] and ultra["gpus"]["per_gpu_gib"] < 80
 assert 4.9 < bits < 5.1, bits
 assert abs(ultra["bytes"]["total"] / PUBLISHED["ultra"]["bytes"]["ultra"] - 1) < 0.01
 
+colors = {"bf16": "C0", "f32": "C1", "fp8": "C2", "nvfp4": "C3"}
 fig, ax = plt.subplots(figsize=(6, 2.4))
+labelled = set()
 for y, recipe in enumerate(("bf16", "ultra")):
     left = 0.0
-    for j, (fmt, row) in enumerate(reports["ultra", recipe]["bytes"]["by_format"].items()):
-        ax.barh(y, row["bytes"] / GB, left=left, color=f"C{['bf16', 'f32', 'fp8', 'nvfp4'].index(fmt)}",
-                label=fmt if recipe == "bf16" or fmt in ("fp8", "nvfp4") else None)
+    for fmt, row in reports["ultra", recipe]["bytes"]["by_format"].items():
+        ax.barh(y, row["bytes"] / GB, left=left, color=colors[fmt], label=None if fmt in labelled else fmt)
+        labelled.add(fmt)
         left += row["bytes"] / GB
 ax.axvline(8 * 80 * GIB / GB, color="k", ls="--", lw=0.8)
-ax.text(8 * 80 * GIB / GB, 1.4, " 8 x 80 GiB", fontsize=7, va="center")
-ax.set(yticks=[0, 1], yticklabels=["bf16", "ultra (NVFP4)"], xlabel="GB", ylim=(-0.5, 1.6))
+ax.text(8 * 80 * GIB / GB, 1.45, " 8 x 80 GiB", fontsize=7, va="center")
+ax.set(yticks=[0, 1], yticklabels=["bf16", "ultra (NVFP4)"], xlabel="GB", ylim=(-0.5, 1.7))
 ax.set_title("Nemotron 3 Ultra checkpoint by storage format", fontsize=9)
-ax.legend(fontsize=7, loc="lower right")
+ax.legend(fontsize=7, loc="upper right")
 fig.tight_layout()
 plt.show()

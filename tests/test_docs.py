@@ -14,7 +14,6 @@
 import ast
 import contextlib
 import inspect
-import json
 import re
 import shlex
 import shutil

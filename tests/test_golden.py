@@ -96,6 +96,7 @@ def test_cli_writes_a_file_read_golden_reloads(op, runs):
 @pytest.mark.parametrize("op", sorted(golden.OPS))
 def test_reference_reproduces_the_file(op, runs):
     name, inputs, static, outs, meta = golden.read_golden(runs[0][op][0])
+    assert name == op
     key = meta["tolerance_key"]
     out64 = dict(zip(golden.OPS[op][3], golden.compute(op, inputs, static, np.float64)))
     out32 = dict(zip(golden.OPS[op][3], golden.compute(op, inputs, static, np.float32)))
@@ -189,3 +190,17 @@ def test_compare_formula_and_exact_keys():
         golden.parse_dims("nope", "")
     with pytest.raises(InputError, match="tolerance key 'nope' has no float32 entry"):
         golden.compare(ref, ref, "nope", np.float32)
+
+
+def test_cli_check_reproduces_a_golden_file(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "g.safetensors"
+    run = lambda *a: subprocess.run([sys.executable, "-m", "nemo_scratch", "golden", *map(str, a)],  # noqa: E731
+                                    capture_output=True, text=True, timeout=120)
+    assert run("--op", "gated_rms_norm", "--out", out).returncode == 0
+    proc = run("--check", out)
+    assert proc.returncode == 0 and "reproduces" in proc.stdout, proc.stderr
+    missing = run("--op", "gated_rms_norm")
+    assert missing.returncode == 2 and missing.stderr.startswith("error: golden: pass --op")
