@@ -131,6 +131,8 @@ class NemotronConfig:
                      "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
                      "n_group", "topk_group", "intermediate_size"):
             positive(name)
+        # Deviation: 0 means "no shared expert" here; transformers always builds one (a size of 0 falls back
+        # to intermediate_size there), so such a config is ours alone and has no transformers twin.
         if not isinstance(self.moe_shared_expert_intermediate_size, int) or self.moe_shared_expert_intermediate_size < 0:
             raise ConfigError("config field 'moe_shared_expert_intermediate_size' must be an integer >= 0 "
                               f"(0 = no shared expert), got {self.moe_shared_expert_intermediate_size!r}")

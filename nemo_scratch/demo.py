@@ -18,9 +18,9 @@ from .model.generate import show_speculation
 DEFAULT_PROMPT = "Return the "
 
 
-def _stream(model, label):
-    """An on_token callback that prints decoded text as it arrives."""
-    print(f"\n--- {label} ---", flush=True)
+def _stream(model, label, prompt):
+    """Print a header and the prompt; return an on_token callback that prints decoded text as it arrives."""
+    print(f"\n--- {label} ---\n{prompt}", end="", flush=True)
 
     def on_token(new):
         print(model.tokenizer.decode(new), end="", flush=True)
@@ -36,12 +36,11 @@ def run_demo(prompt=None, max_new_tokens=64, draft_depth=2, out=sys.stdout):
     ids = model.tokenizer.encode(prompt)
     print(f"prompt: {prompt!r} ({len(ids)} tokens), {max_new_tokens} new tokens, greedy", file=out)
 
-    print(prompt, end="", flush=True)
-    plain = model.generate(ids, max_new_tokens, on_token=_stream(model, "plain greedy decoding"))
+    plain = model.generate(ids, max_new_tokens, on_token=_stream(model, "plain greedy decoding", prompt))
     print(f"\n[{plain.tokens_per_s:.1f} tokens/s, {plain.stats['forward_passes']} forward passes]", file=out)
 
     spec = model.generate(ids, max_new_tokens, mtp=True, draft_depth=draft_depth,
-                          on_token=_stream(model, f"MTP speculative decoding, draft depth {draft_depth}"))
+                          on_token=_stream(model, f"MTP speculative decoding, draft depth {draft_depth}", prompt))
     s = spec.stats
     print(f"\n[{spec.tokens_per_s:.1f} tokens/s, {s['forward_passes']} main-model forward passes "
           f"({s['forward_passes_saved']} saved)]", file=out)

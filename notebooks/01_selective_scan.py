@@ -17,8 +17,8 @@
 # %% [markdown]
 # # 01 · The selective scan (Mamba-2 SSD)
 #
-# Most layers of Nemotron 3 are Mamba-2 layers. Their core is a linear recurrence over time whose decay and
-# input gates depend on the input ("selective"). Per head $h$ it reads
+# Nearly half of Nemotron 3's layers are Mamba-2 layers (23 of Nano's 52). Their core is a linear recurrence
+# over time whose decay and input gates depend on the input ("selective"). Per head $h$ it reads
 #
 # $$
 # S_t = e^{\Delta_t A}\, S_{t-1} + \Delta_t\, x_t B_t^\top, \qquad y_t = S_t C_t + D\, x_t ,
@@ -81,7 +81,8 @@ for chunk in (1, 3, 8, 16, 40, 64):
 # Write $a_s = \Delta_s A$. Unrolling the recurrence from step $s$ to step $l \ge s$ multiplies the state by
 #
 # $$
-# L_{ls} = \exp\Big(\sum_{k=s+1}^{l} a_k\Big) = \exp(\mathrm{segsum}(a))_{ls}, \qquad L_{ls} = 0 \text{ for } s > l .
+# L_{ls} = \exp\Big(\sum_{k=s+1}^{l} a_k\Big) = \exp(\mathrm{segsum}(a))_{ls},
+# \qquad L_{ls} = 0 \text{ for } s > l .
 # $$
 #
 # `segsum` returns the exponent, with $-\infty$ above the diagonal so that $\exp$ gives exactly 0 (causality).
@@ -126,7 +127,9 @@ plt.show()
 # ## 3. The bundled trained model
 #
 # `nemo_scratch.load()` with no argument loads the tiny Nemotron-3-shaped model shipped in
-# `nemo_scratch/data/nemotron3-tiny` (byte-level tokenizer: one token per UTF-8 byte).
+# `nemo_scratch/data/nemotron3-tiny` (byte-level tokenizer: one token per UTF-8 byte). It was trained for a few
+# minutes on a CPU, on the docstrings and comments of Python's standard library (see its `TRAINING.md`), so
+# our example texts read like docstrings.
 
 # %%
 model = nemo_scratch.load()
@@ -146,7 +149,7 @@ print("Mamba layers:", mamba_layers, f"  h={cfg.mamba_num_heads} heads x p={cfg.
 # token over a prompt, using the layer's own `in_proj` on its block-normed input.
 
 # %%
-text = "The quick brown fox jumps over the lazy dog. The quick brown fox jumps again."
+text = "Return the number of bytes in the buffer. If the file is closed, raise ValueError."
 ids = np.array([model.tokenizer.encode(text)])                           # [1, t]
 i_w, c_w = cfg.mamba_intermediate, cfg.conv_dim
 

@@ -17,12 +17,13 @@
 # %% [markdown]
 # # 02 · Grouped-query attention (GQA)
 #
-# A few layers of Nemotron 3 are plain softmax attention, with no positional encoding at all (the Mamba layers
-# before them already know where they are). For a query head $j$,
+# A few layers of Nemotron 3 (6 of Nano's 52) are plain softmax attention, with no positional encoding at all
+# (the Mamba layers before them already know where they are). For a query head $j$,
 #
 # $$
 # O_j = \mathrm{softmax}\!\Big(\frac{Q_j K_{\kappa(j)}^\top}{\sqrt{d_h}} + M\Big) V_{\kappa(j)}, \qquad
-# \kappa(j) = \Big\lfloor \frac{j}{q/kv} \Big\rfloor, \qquad M_{ls} = \begin{cases} 0 & s \le l \\ -\infty & s > l \end{cases}
+# \kappa(j) = \Big\lfloor \frac{j}{q/kv} \Big\rfloor, \qquad
+# M_{ls} = \begin{cases} 0 & s \le l \\ -\infty & s > l \end{cases}
 # $$
 #
 # *Grouped* query attention keeps only $kv < q$ key/value heads: each group of $q/kv$ consecutive query heads
@@ -110,7 +111,7 @@ layer = cfg.layers_block_type.index("attention")
 print(model, f"\nattention layer {layer}: q={cfg.num_attention_heads} heads, kv={cfg.num_key_value_heads}, "
       f"dh={cfg.head_dim}")
 
-text = "To be, or not to be, that is the question: to be."
+text = "If the file is not found, return None. Otherwise return the name of the file."
 ids = np.array([model.tokenizer.encode(text)])
 hs = model.embed(ids)                                                    # [1,t,d]
 for p_layer in model.params["layers"][:layer]:

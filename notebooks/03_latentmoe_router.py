@@ -17,8 +17,9 @@
 # %% [markdown]
 # # 03 · The LatentMoE router
 #
-# Half of Nemotron 3's layers are mixture-of-experts (MoE) layers. A router picks $k$ of $e$ small experts for
-# every token (Super and Ultra: 22 of 512). It reads the block-normed input $x \in \mathbb{R}^d$ at full width:
+# Nearly half of Nemotron 3's layers are mixture-of-experts (MoE) layers (23 of Nano's 52). A router picks $k$
+# of $e$ small experts for every token (Super and Ultra: 22 of 512). It reads the block-normed input
+# $x \in \mathbb{R}^d$ at full width:
 #
 # $$
 # s = \sigma(W_g x) \in (0,1)^e, \qquad
@@ -66,13 +67,10 @@ e, topk, gamma = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.routed_scali
 print(model, f"\n{e} routed experts, top-{topk}, routed_scaling_factor {gamma}, latent width "
       f"l={cfg.moe_latent_size} of d={cfg.hidden_size}")
 
-text = ("Once upon a time there was a little robot who liked to count. Every morning it counted the "
-        "birds on the roof, the clouds in the sky and the steps to the garden. 1, 2, 3, 4, 5... "
-        "def add(a, b):\n    return a + b\n")
+text = ("Return a new list of the items in the dictionary.\n\n    If the key is not found, raise KeyError. "
+        "The default value is None.\n    # Check that the file is open before reading from it.\n")
 ids = np.array([model.tokenizer.encode(text)])
 T = ids.shape[1]
-
-
 ROUTER = dict(top_k=topk, n_group=cfg.n_group, topk_group=cfg.topk_group, norm_topk_prob=cfg.norm_topk_prob,
               routed_scaling_factor=gamma)                              # route()'s settings from the config
 moe_in = {}                                                             # layer -> block-normed input [T,d]
@@ -131,6 +129,7 @@ for li in moe_layers:
     loads_plain[li] = np.bincount(idx_0.ravel(), minlength=e)
     assert loads_bias[li].sum() == loads_plain[li].sum() == T * topk
     cv = [lo.std() / lo.mean() for lo in (loads_bias[li], loads_plain[li])]
+    assert cv[0] < cv[1], f"layer {li}: the trained bias should balance the expert load"
     bias = p_layer["gate_bias"]
     print(f"{li:5d} {(~same_set).sum():12d} / {T:<4d} {swapped.mean():18.2f}      "
           f"[{bias.min():+.3f}, {bias.max():+.3f}]   {cv[0]:.2f} / {cv[1]:.2f}")
@@ -148,7 +147,8 @@ plt.show()
 
 # %% [markdown]
 # The dashed line is the perfectly balanced load $Tk/e$; the coefficient of variation (CV = std / mean of the
-# loads) measures how far each layer is from it.
+# loads) measures how far each layer is from it. Without its bias the router crowds a few favourite experts;
+# the trained bias spreads the same tokens much more evenly, on every layer (asserted above).
 #
 # ## 4. The latent projection
 #
@@ -172,6 +172,10 @@ for li in moe_layers:
     print(f"{li:5d} {kept_fc1:12.1%} {kept_best:17.1%} {l / d:13.1%}")
 
 # %% [markdown]
+# The trained $W_{fc1}$ keeps only a little more than a random subspace would, far from the best $l$ directions:
+# it is not trained to reconstruct $x$, only to give the experts what they need, and the shared expert still
+# sees the full width.
+#
 # Finally, the MoE mixer of the model is exactly the sum of the two parts in the formula: the routed experts
 # in latent space, $W_{fc2}\,\mathrm{experts}(W_{fc1}x)$ (`latent_moe`), plus the shared expert (`mlp`). The
 # latent width also shrinks every routed expert: $2fl$ instead of $2fd$ weights each.

@@ -56,10 +56,11 @@ print(model)
 # ## 1. Speculative decoding is lossless
 #
 # Generate the same continuation greedily, then with MTP drafts of depth 1, 2 and 3. The token ids must be
-# identical; what changes is how many backbone forward passes were needed.
+# identical; what changes is how many backbone forward passes were needed. (A 2.5M-parameter model soon loops
+# on a phrase, which makes its continuation easy to guess: its acceptance says little about a real model's.)
 
 # %%
-prompt = "The little robot counted the birds on the roof"
+prompt = "Return the "
 ids = tok.encode(prompt)
 N = 48
 plain = model.generate(ids, N)
@@ -70,6 +71,7 @@ for depth in (1, 2, 3):
     spec = model.generate(ids, N, mtp=True, draft_depth=depth)
     assert np.array_equal(spec.ids, plain.ids), f"draft depth {depth} changed the greedy output"
     assert spec.stats["forward_passes"] + spec.stats["forward_passes_saved"] == N
+    assert spec.stats["forward_passes"] < plain.stats["forward_passes"]      # drafts were accepted
     runs[depth] = spec
 
 print(f"\n{'':10s}{'accepted':>12s}{'backbone passes':>17s}   acceptance per depth")
@@ -111,8 +113,8 @@ print("\n".join(show_speculation(runs[3], tok).splitlines()[:10]))
 # A trivial baseline: always guess the most frequent byte of the text.
 
 # %%
-text = ("Every morning the little robot counted the birds on the roof, the clouds in the sky and the steps "
-        "to the garden. Then it wrote the numbers in a small book and went back to sleep.")
+text = ("Return the value of the attribute. If the object has no such attribute, raise AttributeError. "
+        "The default is used when the value is None.")
 x = np.array([tok.encode(text)])
 T = x.shape[1]
 h0 = model.hidden(x)                                                   # [1,T,d] backbone output after norm_f
@@ -129,6 +131,7 @@ for name, a in acc.items():
     print(f"{name:28s} accuracy {a:6.1%}")
 agree = np.mean(mtp_pred == bb_pred)
 print(f"{'MTP agrees with backbone':28s}          {agree:6.1%}")
+assert acc["MTP depth 1 (h_j, x_{j+1})"] > 2 * acc["most frequent byte"] and agree > 0.5
 
 # %% [markdown]
 # The same agreement, position by position, *is* the acceptance of greedy speculative decoding. Replaying the

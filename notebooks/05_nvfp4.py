@@ -157,16 +157,17 @@ plt.show()
 
 # %% [markdown]
 # **Bytes.** Packed codes take $\tfrac12$ byte per weight, block scales $\tfrac1{16}$ byte, the per-tensor
-# scale $g$ 4 bytes; ModelOpt adds a 4-byte `input_scale` per tensor in the checkpoint. So a tensor of $N$
-# weights costs $4.5 + 64/N$ bits per weight, 4.5 in the limit.
+# scale $g$ 4 bytes (`NVFP4Weight.nbytes`, what sits in memory); ModelOpt's checkpoint adds a 4-byte
+# `input_scale` per tensor. So a tensor of $N$ weights costs $4.5 + 64/N$ bits per weight on disk, 4.5 in the
+# limit.
 
 # %%
 numel = qw[0].packed.size * 2                                            # one expert's weights
-bits = 8 * qw[0].nbytes / numel
 assert qw[0].nbytes == numel / 2 + numel / 16 + 4
-assert tensor_bytes(numel, "nvfp4") == qw[0].nbytes + 4                  # + input_scale in the checkpoint
-print(f"one expert [{w.shape[1]}x{w.shape[2]}]: {qw[0].nbytes} bytes = {bits:.4f} bits/weight "
-      f"(BF16: {2 * numel} bytes)")
+on_disk = tensor_bytes(numel, "nvfp4")                                   # + input_scale in the checkpoint
+assert on_disk == qw[0].nbytes + 4 and 8 * on_disk / numel == 4.5 + 64 / numel
+print(f"one expert [{w.shape[1]}x{w.shape[2]}]: {qw[0].nbytes} bytes in memory, {on_disk:g} on disk = "
+      f"{8 * on_disk / numel:.4f} bits/weight (BF16: {2 * numel} bytes)")
 ultra = nemo_scratch.preset("ultra")
 f_u, l_u = ultra.moe_intermediate_size, ultra.moe_latent_size              # an Ultra expert up_proj: [f, l]
 print(f"an Ultra expert [{f_u}x{l_u}]: {8 * tensor_bytes(f_u * l_u, 'nvfp4') / (f_u * l_u):.6f} bits/weight")
@@ -181,7 +182,7 @@ print(f"an Ultra expert [{f_u}x{l_u}]: {8 * tensor_bytes(f_u * l_u, 'nvfp4') / (
 # top-1 token agrees, and the KL divergence of the next-token distributions.
 
 # %%
-text = "The little robot counted the birds on the roof, the clouds in the sky and the steps to the garden."
+text = "Return the number of bytes in the buffer. If the file is closed, raise ValueError."
 ids = np.array([model.tokenizer.encode(text)])
 ref = model.forward(ids)[0]                                              # [t,v]
 p_ref = token_probs(ref)
@@ -204,9 +205,10 @@ with tempfile.TemporaryDirectory() as tmp:
             print(format_inspection(report), "\n")
             assert isinstance(qmodel.params["layers"][moe]["experts_up"], NVFP4Weight)
 bf16_mb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e6
-print(f"{'recipe':8s}{'MB':>7s}{'bits/param':>12s}{'rel. logit err':>16s}{'top-1 agree':>13s}{'KL nats/token':>15s}")
+print(f"{'recipe':8s}{'MB':>7s}{'bits/param':>12s}{'rel. logit err':>16s}{'top-1 agree':>13s}"
+      f"{'KL nats/token':>15s}")
 print(f"{'bf16':8s}{bf16_mb:7.2f}{inspect_checkpoint(model.path)['bits_per_param']:12.2f}")
 for recipe, r in results.items():
     print(f"{recipe:8s}{r['MB']:7.2f}{r['bits/param']:12.2f}{r['rel. logit error']:16.4f}"
           f"{r['top-1 agreement']:13.1%}{r['KL (nats/token)']:15.2e}   {r['formats']}")
-    assert r["rel. logit error"] < 0.5 and r["MB"] < bf16_mb
+    assert r["MB"] < bf16_mb and r["rel. logit error"] < 0.05 and r["top-1 agreement"] >= 0.95

@@ -45,8 +45,9 @@ from nemo_scratch.params import PUBLISHED, count_params, format_plan, plan
 # %% [markdown]
 # ## 1. Load and run forward
 #
-# The bundled model has every ingredient at toy size. Its tokenizer is byte-level (token id = byte value),
-# so the next-token loss in bits is directly *bits per byte*; a model that knows nothing scores
+# The bundled model has every ingredient at toy size. It was trained on the docstrings and comments of Python's
+# standard library (`nemo_scratch/data/nemotron3-tiny/TRAINING.md`). Its tokenizer is byte-level (token id =
+# byte value), so the next-token loss in bits is directly *bits per byte*; a model that knows nothing scores
 # $\log_2 256 = 8$.
 
 # %%
@@ -57,13 +58,14 @@ print(model)
 print(f"layers '{cfg.hybrid_override_pattern}' + MTP '{cfg.mtp_hybrid_override_pattern}', d={cfg.hidden_size}, "
       f"{cfg.n_routed_experts} experts top-{cfg.num_experts_per_tok}, latent l={cfg.moe_latent_size}")
 
-text = "The little robot counted the birds on the roof, the clouds in the sky and the steps to the garden."
+text = "Return the number of bytes in the buffer. If the file is closed, raise ValueError."
 ids = np.array([tok.encode(text)])                                       # [1, t]
 logits = model.forward(ids)                                              # [1, t, v]
 assert logits.shape == (1, ids.shape[1], cfg.vocab_size) and logits.dtype == np.float32
 p_next = token_probs(logits[0, :-1])                                     # [t-1, v] float64
 nll_bits = -np.log2(p_next[np.arange(ids.shape[1] - 1), ids[0, 1:]])     # bits per byte at each position
 print(f"next-byte loss on the text: {nll_bits.mean():.2f} bits per byte (uniform guess: 8)")
+assert nll_bits.mean() < 4, "the trained model should need far fewer than 8 bits per byte"
 
 fig, ax = plt.subplots(figsize=(8, 2.2))
 ax.bar(np.arange(1, ids.shape[1]), nll_bits, width=1.0)
@@ -99,7 +101,7 @@ assert np.allclose(stepped, logits, rtol=1e-4, atol=1e-4)
 # temperature with nucleus (top-p) truncation is one argument away.
 
 # %%
-prompt = "Every morning the little robot"
+prompt = "If the file "
 pids = tok.encode(prompt)
 greedy = model.generate(pids, 32)
 naive = list(pids)

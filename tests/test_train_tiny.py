@@ -49,7 +49,8 @@ def trained(text):
     args = tt.parse_args(["--steps", "12", "--batch", "4", "--seq", "24", "--lr", "1e-2", "--warmup", "2",
                           "--log-every", "100", "--bias-rate", "0.01", "--threads", "1"])
     logs = []
-    model, mtp, history = tt.train(cfg, text, args, log=logs.append)
+    model, mtp, history, planned = tt.train(cfg, text, args, log=logs.append)
+    assert planned == 12  # the 20-minute default budget does not cut 12 micro steps
     return cfg, args, model, mtp, history, logs
 
 
@@ -143,7 +144,9 @@ def test_shipped_checkpoint_files():
     cfg = NemotronConfig.from_json(SHIPPED / "config.json")
     raw = json.loads((SHIPPED / "config.json").read_text())
     assert raw["nemo_scratch_tokenizer"] == "bytes"
-    assert raw["time_step_limit"] == [cfg.time_step_min, "inf"]
+    # the dt floor transformers applies; inf is written as JSON's Infinity (NemotronConfig.save)
+    assert raw["time_step_limit"][0] == cfg.time_step_min and float(raw["time_step_limit"][1]) == math.inf
+    assert cfg.time_step_limit == (cfg.time_step_min, math.inf)
     assert cfg.hybrid_override_pattern == tt.nemotron_config().hybrid_override_pattern
     want = {s.name: s.shape for s in expected_tensors(cfg)}
     with safe_open(str(SHIPPED / "model.safetensors"), framework="pt") as f:

@@ -222,7 +222,7 @@ def fit_steps(steps, step, elapsed, since, minutes):
 
 
 def train(cfg, data, args, log=print):
-    """Train; returns (model, mtp, history). history rows: (step, seconds, lr, main CE, MTP CE)."""
+    """Train; -> (model, mtp, history, planned steps). history rows: (step, seconds, lr, main CE, MTP CE)."""
     torch.set_num_threads(args.threads)
     model, mtp = build_models(cfg, args.seed)
     model.train(), mtp.train()
@@ -257,7 +257,7 @@ def train(cfg, data, args, log=print):
             log(f"stopping at step {step}: --minutes {args.minutes} reached")
             break
     model.eval(), mtp.eval()
-    return model, mtp, history
+    return model, mtp, history, steps
 
 
 # ---------------------------------------------------------------------------------------------- names
@@ -394,25 +394,35 @@ def write_training_md(out_dir, cfg, record, check):
         rows.append(f"| {end} | {chunk[-1][1]:.0f} | {np.mean([r[3] for r in chunk]):.3f} | "
                     f"{np.mean([r[4] for r in chunk]):.3f} |")
     ev = record["eval"]
+    planned, fitted = record.get("planned_steps", len(hist)), ""
+    if planned < a["steps"]:
+        fitted = (f"The step count was cut from {a['steps']} to {planned} to fit `--minutes {a['minutes']}` "
+                  f"(`fit_steps`, at the end of warm-up); the same weights come from\n\n"
+                  f"    python tools/train_tiny.py --steps {planned} --no-fit\n\n")
+    if len(hist) < planned:
+        fitted += f"Training stopped at step {len(hist)} of {planned}: the --minutes budget ran out.\n\n"
+    paces = [(hist[end - 1][1] - hist[end - every][1]) / (every - 1) for end in range(every, len(hist) + 1, every)]
+    limit = json.dumps(json.loads((Path(out_dir) / "config.json").read_text())["time_step_limit"])
     samples = "\n".join(f"    {p!r} -> {t!r}" for p, t in check["samples"].items())
     text = f"""# nemotron3-tiny: how these weights were made
 
-A {record['params'] / 1e6:.2f}M-parameter Nemotron 3 with every ingredient of the real models:
-pattern `{cfg.hybrid_override_pattern}` (Mamba-2 `M`, LatentMoE `E`, GQA attention `*`), LatentMoE with
-{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}, latent width {cfg.moe_latent_size} < d_model
-{cfg.hidden_size}) and a shared expert, a sigmoid router with an aux-loss-free balancing bias, one MTP layer
-(`{cfg.mtp_hybrid_override_pattern}`), byte-level vocabulary (vocab_size 256, token id = byte value;
-config.json declares `"nemo_scratch_tokenizer": "bytes"`). Weights: `model.safetensors`, BF16 (A_log, D and
-`e_score_correction_bias` F32), NVIDIA tensor names (`backbone.*`, `lm_head.*`, `mtp.*`).
+A {record['params'] / 1e6:.2f}M-parameter Nemotron 3 with every ingredient of the real models: pattern
+`{cfg.hybrid_override_pattern}` (Mamba-2 `M`, LatentMoE `E`, GQA attention `*`); LatentMoE with a shared expert and
+{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}, latent width {cfg.moe_latent_size} < d_model \
+{cfg.hidden_size}), a sigmoid router with an aux-loss-free balancing bias; one MTP layer (`{cfg.mtp_hybrid_override_pattern}`);
+a byte-level vocabulary (vocab_size 256, token id = byte value; config.json declares
+`"nemo_scratch_tokenizer": "bytes"`). Weights: `model.safetensors`, BF16 (A_log, D and `e_score_correction_bias`
+F32), NVIDIA tensor names (`backbone.*`, `lm_head.*`, `mtp.*`), written by `nemo_scratch.checkpoint.writer`.
 
 ## Command
 
     {record['command']}
 
-(`torch.set_num_threads({a['threads']})`, CPU, torch {record['torch']}, transformers {record['transformers']}.)
+{fitted}CPU, `torch.set_num_threads({a['threads']})`, torch {record['torch']}, transformers {record['transformers']}.
 Seed {a['seed']}: parameters by transformers' `_init_weights` after `torch.manual_seed({a['seed']})`, batches by
-`numpy.random.default_rng({a['seed']})`. Wall time {record['wall_s'] / 60:.1f} min for {len(hist)} steps
-({record['wall_s'] / len(hist):.2f} s/step) on a shared 2-core machine.
+`numpy.random.default_rng({a['seed']})`. Training wall time {record['wall_s'] / 60:.1f} min for {len(hist)} steps \
+({record['wall_s'] / len(hist):.2f} s/step on average; the 2-core machine was shared with other jobs: the pace over
+{every}-step windows ranged from {min(paces):.2f} to {max(paces):.2f} s/step).
 
 ## Corpus
 
@@ -435,7 +445,7 @@ Router bias: `bias_e += {a['bias_rate']} * sign(mean load - load_e)` after every
 
 Deviation: transformers 5.23's Mamba mixer floors dt at `time_step_min` (its `time_step_limit` is
 `(time_step_min, inf)` whatever the config says), so the trained function has that floor; config.json records
-it as `"time_step_limit": [{cfg.time_step_limit[0]}, "inf"]` and our reference follows the config.
+it as `"time_step_limit": {limit}` and our reference follows the config.
 
 Loss (nats/byte, mean over each {every} steps):
 
@@ -501,13 +511,14 @@ def main(argv=None):
         import transformers
 
         cfg = nemotron_config()
-        model, mtp, history = train(cfg, train_data, args)
+        model, mtp, history, planned = train(cfg, train_data, args)
         tensors = to_nvidia(model, mtp)
         record = {"command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
                                                    if Path(sys.argv[0]).is_absolute() else sys.argv[0]]
                                                   + sys.argv[1:]),
                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "corpus": describe(data.tobytes()), "history": history, "wall_s": history[-1][1],
+                  "planned_steps": planned,
                   "params": parameter_count(tensors), "torch": torch.__version__,
                   "transformers": transformers.__version__, "config": cfg.to_dict(),
                   "eval": evaluate(model, mtp, val, args.eval_batches, args.batch, args.seq, seed=args.seed + 1)}
