@@ -18,15 +18,15 @@ import pytest
 
 pytest.importorskip("torch", reason="tools/train_tiny.py trains with torch (extra 'oracle')")
 pytest.importorskip("transformers", reason="tools/train_tiny.py uses transformers' NemotronH (extra 'oracle')")
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
-import corpus  # noqa: E402
-import train_tiny as tt  # noqa: E402
+import corpus
+import train_tiny as tt
 
-from nemo_scratch.checkpoint.schema import expected_tensors  # noqa: E402
-from nemo_scratch.config import NemotronConfig  # noqa: E402
+from nemo_scratch.checkpoint.schema import expected_tensors
+from nemo_scratch.config import NemotronConfig
 
 pytestmark = pytest.mark.oracle
 
@@ -55,7 +55,7 @@ def trained(text):
 
 
 def test_micro_training_lowers_main_and_mtp_loss(trained, text):
-    cfg, args, model, mtp, history, logs = trained
+    _, _, model, mtp, history, logs = trained
     assert len(history) == 12 and logs[0].startswith("step     1")
     first_main, first_mtp = history[0][3], history[0][4]
     # an untrained byte model is near uniform: ln 256 = 5.55 nats for both heads
@@ -170,3 +170,23 @@ def test_shipped_checkpoint_reads_with_our_loader():
     # the router bias was trained (aux-loss-free balancing), not left at zero
     assert np.abs(tensors["backbone.layers.1.mixer.gate.e_score_correction_bias"]).max() > 0
     assert "Return the " in (SHIPPED / "TRAINING.md").read_text()
+
+
+def test_shipped_mtp_head_numpy_equals_the_trained_torch_head():
+    """Our NumPy model (nemo_scratch.load) runs the shipped weights as train_tiny's torch code trained them:
+    backbone (transformers) and MTP head (MTPHead) agree within the model-vs-transformers tolerance."""
+    from tolerances import assert_close
+
+    import nemo_scratch
+
+    ours = nemo_scratch.load(SHIPPED)
+    _, model, mtp = tt.load_checkpoint(SHIPPED)
+    window = torch.tensor([list(b"Return the number of bytes in the buffer, or raise ValueError.")])
+    ids, next_ids = window[:, :-2], window[:, 1:-1]
+    with torch.no_grad():
+        h0 = model.model(input_ids=ids).last_hidden_state
+        ref_main = model.lm_head(h0).numpy()
+        ref_mtp = model.lm_head(mtp(model.model.embeddings(next_ids), h0)).numpy()
+    assert_close(ours.forward(ids.numpy()), ref_main, "model_vs_transformers", np.float32, what="main logits")
+    got_mtp = ours.mtp.predict(ours.hidden(ids.numpy()), next_ids.numpy(), depth=1)[0]
+    assert_close(got_mtp, ref_mtp, "model_vs_transformers", np.float32, what="MTP logits")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import ast
 import hashlib
-import inspect
 import io
 import re
 import sys

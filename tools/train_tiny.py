@@ -40,10 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from corpus import build_corpus, describe  # noqa: E402
-from nemo_scratch.checkpoint.schema import expected_tensors  # noqa: E402
-from nemo_scratch.config import NemotronConfig  # noqa: E402
-from nemo_scratch.errors import CheckpointError, ConfigError  # noqa: E402
+from corpus import build_corpus, describe
+
+from nemo_scratch.checkpoint.schema import expected_tensors
+from nemo_scratch.config import NemotronConfig
+from nemo_scratch.errors import CheckpointError, ConfigError
 
 # The shipped model. Pattern M E M * E M E: 3 Mamba-2, 3 LatentMoE, 1 attention; MTP "*E".
 TINY_TRAINED = dict(
@@ -89,7 +90,10 @@ class MTPStart(nn.Module):
 
     def __init__(self, hf_cfg, layer_idx):
         super().__init__()
-        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHAttention, NemotronHRMSNorm
+        from transformers.models.nemotron_h.modeling_nemotron_h import (
+            NemotronHAttention,
+            NemotronHRMSNorm,
+        )
 
         d, eps = hf_cfg.hidden_size, hf_cfg.layer_norm_epsilon
         self.enorm, self.hnorm, self.norm = (NemotronHRMSNorm(d, eps) for _ in range(3))
@@ -108,7 +112,10 @@ class MTPEnd(nn.Module):
 
     def __init__(self, hf_cfg):
         super().__init__()
-        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMoE, NemotronHRMSNorm
+        from transformers.models.nemotron_h.modeling_nemotron_h import (
+            NemotronHMoE,
+            NemotronHRMSNorm,
+        )
 
         d, eps = hf_cfg.hidden_size, hf_cfg.layer_norm_epsilon
         self.norm, self.final_layernorm = NemotronHRMSNorm(d, eps), NemotronHRMSNorm(d, eps)
@@ -212,7 +219,8 @@ def evaluate(model, mtp, data, batches, batch, seq, seed):
 
 
 def fit_steps(steps, step, elapsed, since, minutes):
-    """Steps that fit the time budget, from the pace since step ``since``; called once, at the end of warm-up.
+    """Steps that fit the time budget, from the pace since ``since`` = (an earlier step, its seconds); called
+    once, at the end of warm-up.
 
     The learning-rate schedule does not depend on the total step count during warm-up, so a run whose count is
     fitted at that point equals a run started with that count: rerun with ``--steps N --no-fit`` to reproduce.
@@ -355,7 +363,7 @@ def greedy_text(model, prompt: str, new_tokens: int) -> str:
 def verify(out_dir, val, args, log=print) -> dict:
     """Load the BF16 checkpoint with transformers; held-out losses, MTP accuracy and greedy samples."""
     torch.set_num_threads(args.threads)
-    cfg, model, mtp = load_checkpoint(out_dir)
+    _, model, mtp = load_checkpoint(out_dir)
     main, extra, acc = evaluate(model, mtp, val, args.eval_batches, args.batch, args.seq, seed=args.seed + 1)
     samples = {p: greedy_text(model, p, args.sample_tokens) for p in args.prompts}
     result = {"val_main": main, "val_mtp": extra, "val_mtp_acc": acc, "samples": samples}
@@ -396,7 +404,7 @@ def write_training_md(out_dir, cfg, record, check):
     ev = record["eval"]
     planned, fitted = record.get("planned_steps", len(hist)), ""
     if planned < a["steps"]:
-        fitted = (f"The step count was cut from {a['steps']} to {planned} to fit `--minutes {a['minutes']}` "
+        fitted = (f"The step count was cut from {a['steps']} to {planned} to fit `--minutes {a['minutes']}`\n"
                   f"(`fit_steps`, at the end of warm-up); the same weights come from\n\n"
                   f"    python tools/train_tiny.py --steps {planned} --no-fit\n\n")
     if len(hist) < planned:
@@ -408,9 +416,8 @@ def write_training_md(out_dir, cfg, record, check):
 
 A {record['params'] / 1e6:.2f}M-parameter Nemotron 3 with every ingredient of the real models: pattern
 `{cfg.hybrid_override_pattern}` (Mamba-2 `M`, LatentMoE `E`, GQA attention `*`); LatentMoE with a shared expert and
-{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}, latent width {cfg.moe_latent_size} < d_model \
-{cfg.hidden_size}), a sigmoid router with an aux-loss-free balancing bias; one MTP layer (`{cfg.mtp_hybrid_override_pattern}`);
-a byte-level vocabulary (vocab_size 256, token id = byte value; config.json declares
+{cfg.n_routed_experts} routed experts (top-{cfg.num_experts_per_tok}, latent width {cfg.moe_latent_size} < d_model {cfg.hidden_size}), a sigmoid
+router with an aux-loss-free balancing bias; one MTP layer (`{cfg.mtp_hybrid_override_pattern}`); a byte-level vocabulary (vocab_size 256, token id = byte value; config.json declares
 `"nemo_scratch_tokenizer": "bytes"`). Weights: `model.safetensors`, BF16 (A_log, D and `e_score_correction_bias`
 F32), NVIDIA tensor names (`backbone.*`, `lm_head.*`, `mtp.*`), written by `nemo_scratch.checkpoint.writer`.
 
@@ -420,15 +427,16 @@ F32), NVIDIA tensor names (`backbone.*`, `lm_head.*`, `mtp.*`), written by `nemo
 
 {fitted}CPU, `torch.set_num_threads({a['threads']})`, torch {record['torch']}, transformers {record['transformers']}.
 Seed {a['seed']}: parameters by transformers' `_init_weights` after `torch.manual_seed({a['seed']})`, batches by
-`numpy.random.default_rng({a['seed']})`. Training wall time {record['wall_s'] / 60:.1f} min for {len(hist)} steps \
-({record['wall_s'] / len(hist):.2f} s/step on average; the 2-core machine was shared with other jobs: the pace over
-{every}-step windows ranged from {min(paces):.2f} to {max(paces):.2f} s/step).
+`numpy.random.default_rng({a['seed']})`. Training wall time {record['wall_s'] / 60:.1f} min for {len(hist)} steps
+({record['wall_s'] / len(hist):.2f} s/step on average; the 2-core machine was shared with other jobs: the pace
+over {every}-step windows ranged from {min(paces):.2f} to {max(paces):.2f} s/step).
 
 ## Corpus
 
-Docstrings (`ast`) and comment runs (`tokenize`) of CPython {c['python']}'s standard library
-(`{c['stdlib']}`, `.py` files in sorted path order, test suites skipped), ASCII-normalised: {c['bytes']:,}
-bytes, sha256 `{c['sha256']}`. Built by `tools/corpus.py` (`build_corpus(max_bytes={a['corpus_bytes']})`).
+Docstrings (`ast`) and comment runs (`tokenize`) of CPython {c['python']}'s standard library, `.py` files under
+`{c['stdlib']}` in sorted path order (test suites skipped), ASCII-normalised:
+{c['bytes']:,} bytes, sha256 `{c['sha256']}`.
+Built by `tools/corpus.py` (`build_corpus(max_bytes={a['corpus_bytes']})`).
 The last {a['val_fraction']:.0%} of the bytes are held out (validation). The corpus itself is not shipped.
 
 Licence of the training text: Copyright (c) 2001-2023 Python Software Foundation; All Rights Reserved; PSF
@@ -513,9 +521,7 @@ def main(argv=None):
         cfg = nemotron_config()
         model, mtp, history, planned = train(cfg, train_data, args)
         tensors = to_nvidia(model, mtp)
-        record = {"command": "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT))
-                                                   if Path(sys.argv[0]).is_absolute() else sys.argv[0]]
-                                                  + sys.argv[1:]),
+        record = {"command": " ".join(["python tools/train_tiny.py"] + sys.argv[1:]),
                   "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                   "corpus": describe(data.tobytes()), "history": history, "wall_s": history[-1][1],
                   "planned_steps": planned,

@@ -117,7 +117,7 @@ def parse_kernels(code):
 
 def translate(code, include_dirs=()):
     """The C++ translation unit for ``code`` (see the module docstring)."""
-    text = _rewrite_shared(_inline_includes(code, "<kernel source>", list(include_dirs), set()))
+    text = _rewrite_shared(_inline_includes(code, "<RawModule code>", list(include_dirs), set()))
     glue = [f'extern "C" void emu_body_{k}(void** args) {{ emu::invoke({k}, args); }}' for k in parse_kernels(code)]
     return text + "\n\n// ---- emulator exports\n" + "\n".join(glue) + "\n"
 

@@ -173,10 +173,14 @@ def asnumpy(a):
 # Kernels
 
 def _dims(what, dims):
-    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) and d >= 1 for d in dims):
-        raise EmulatorError(f"{what} {dims!r}: expected 1 to 3 positive integers (CUDA: invalid configuration)")
-    return tuple(int(d) for d in dims) + (1,) * (3 - len(dims))
+    """CuPy's Function.__call__: a tuple of 1 to 3 ints (TypeError otherwise), padded with 1s; a dimension
+    below 1 launches as 1 (CuPy's max(1, d)), so a launcher must skip empty launches itself."""
+    if type(dims) is not tuple:
+        raise TypeError(f"{what} has type {type(dims).__name__}, expected tuple (CuPy's Function.__call__ "
+                        f"declares tuple {what})")
+    if not 1 <= len(dims) <= 3 or not all(isinstance(d, (int, np.integer)) for d in dims):
+        raise EmulatorError(f"{what} {dims!r}: expected 1 to 3 integers")
+    return tuple(max(1, int(d)) for d in dims) + (1,) * (3 - len(dims))
 
 
 class RawModule:
