@@ -15,7 +15,10 @@ are present these tests skip: test_backend_cupy_{core,mamba}.py and test_backend
 kernels on the device. A missing g++ fails the fixture (EmulatorError), it never skips.
 """
 
+import os
+import subprocess
 import sys
+from pathlib import Path
 
 import cuda_emu
 import gpu_harness
@@ -24,18 +27,17 @@ import pytest
 from gpu_harness import arrays, crossing, seeds
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_backend_cupy_core import (assert_bits_equal, assert_same_selection, distinct_experts, dyadic, expert_stack,
-                                    run)
+from test_backend_cupy_core import assert_bits_equal, assert_same_selection, distinct_experts, dyadic, expert_stack, run
 from test_backend_cupy_mamba import maybe, ssd_inputs
 from test_backend_model import checkpoint  # noqa: F401  (fixture: random tiny checkpoint, BF16 and "ultra")
 from tolerances import assert_close
 
 import nemo_scratch
-from nemo_scratch.backends import _CACHE, get_backend
+from nemo_scratch.backends import get_backend
 from nemo_scratch.ops import attention, conv, linear, moe, norm, quant, ssd
 
 pytestmark = pytest.mark.cuda_emu
-EXAMPLES = 4
+EXAMPLES = 10
 FORMATS = st.sampled_from(["dense", "nvfp4", "fp8"])
 
 
@@ -369,22 +371,26 @@ def test_emulator_exposes_a_missing_barrier(be, checks, writer):
     assert np.isnan(be.to_numpy(out)).any()
 
 
-@pytest.mark.parametrize("kernel, grid, block, args, smem, message", [
-    ("no_bounds_check", (0,), (40,), lambda xp: (xp.empty(32, dtype=np.float32),), 0, "outside the buffer of argument 'out'"),
-    ("deadlock", (1,), (32,), lambda xp: (xp.empty(1, dtype=np.float32),), 0, "deadlock"),
-    ("divergent_barrier", (1,), (64,), lambda xp: (xp.empty(1, dtype=np.float32),), 0, "different __syncthreads"),
-    ("shuffle_from_exited", (1,), (32,), lambda xp: (xp.empty(32, dtype=np.float32),), 0, "reads lane 16, which has exited"),
-    ("far_write", (1,), (1,), lambda xp: (xp.empty(1, dtype=np.float32), np.int64(2**45)), 0, "memory fault"),
-    ("divide", (1,), (1,), lambda xp: (xp.empty(1, dtype=np.int32), np.int32(0)), 0, "division by zero"),
-    ("smem_overrun", (1,), (32,), lambda xp: (xp.empty(1, dtype=np.float32), np.int32(8)), 64, "past the end of the 64"),
-    ("smem_overrun", (1,), (32,), lambda xp: (xp.empty(1, dtype=np.float32), np.int32(0)), 49 * 1024, "exceeds"),
-    ("divide", (1, 70000), (1,), lambda xp: (xp.empty(1, dtype=np.int32), np.int32(1)), 0, "grid"),
-    ("divide", (1,), (1025,), lambda xp: (xp.empty(1, dtype=np.int32), np.int32(1)), 0, "block"),
+F32, I32 = np.float32, np.int32
+
+
+@pytest.mark.parametrize("kernel, grid, block, out, extra, smem, message", [
+    # grid (0,) launches one block, as CuPy's max(1, d) does; 40 threads write 32 floats
+    ("no_bounds_check", (0,), (40,), (32, F32), (), 0, "outside the buffer of argument 'out'"),
+    ("deadlock", (1,), (32,), (1, F32), (), 0, "deadlock"),
+    ("divergent_barrier", (1,), (64,), (1, F32), (), 0, "different __syncthreads"),
+    ("shuffle_from_exited", (1,), (32,), (32, F32), (), 0, "reads lane 16, which has exited"),
+    ("far_write", (1,), (1,), (1, F32), (np.int64(2**45),), 0, "memory fault"),
+    ("divide", (1,), (1,), (1, I32), (I32(0),), 0, "division by zero"),
+    ("smem_overrun", (1,), (32,), (1, F32), (I32(8),), 64, "past the end of the 64 bytes"),
+    ("smem_overrun", (1,), (32,), (1, F32), (I32(0),), 49 * 1024, "exceeds the kernel's limit"),
+    ("divide", (1, 70000), (1,), (1, I32), (I32(1),), 0, "grid"),
+    ("divide", (1,), (1025,), (1, I32), (I32(1),), 0, "block"),
 ])
-def test_emulator_reports_kernel_errors(be, checks, kernel, grid, block, args, smem, message):
+def test_emulator_reports_kernel_errors(be, checks, kernel, grid, block, out, extra, smem, message):
     """Each is a launch error (the test process survives faults), never a silent wrong result."""
-    with pytest.raises(cuda_emu.EmulatorError, match=message.replace("(", r"\(")):
-        checks.get_function(kernel)(grid, block, args(be.xp), shared_mem=smem)
+    with pytest.raises(cuda_emu.EmulatorError, match=message):
+        checks.get_function(kernel)(grid, block, (be.xp.empty(out[0], dtype=out[1]), *extra), shared_mem=smem)
 
 
 def test_emulator_checks_arguments_as_the_cupy_abi_needs_them(be, checks):
@@ -402,6 +408,8 @@ def test_emulator_checks_arguments_as_the_cupy_abi_needs_them(be, checks):
     for args, message in bad:
         with pytest.raises(cuda_emu.EmulatorError, match=message):
             kernel((1,), (1,), args)
+    with pytest.raises(TypeError, match="expected tuple"):              # CuPy's Function.__call__(tuple grid, ..)
+        kernel([1], (1,), (x, flag))
     with pytest.raises(cuda_emu.EmulatorError, match="numpy.int32"):   # CuPy sends a Python int as 64 bits
         checks.get_function("divide")((1,), (1,), (xp.zeros(1, dtype=np.int32), 3))
     with pytest.raises(TypeError, match="host numpy array"):             # as CuPy: no implicit host/device mix
@@ -416,7 +424,8 @@ def test_missing_gxx_fails_with_a_clear_message(monkeypatch):
 
 
 def test_the_emulated_cupy_does_not_leak():
-    """After installed(): no "cupy" module (or the previous one) and no cached cupy backend (fresh process)."""
+    """After installed(): the previous "cupy" module (or none) and no cached cupy backend. A fresh process, as
+    this module's own fixture holds the emulator while its tests run."""
     code = ("import sys, cuda_emu; from nemo_scratch.backends import _CACHE, get_backend\n"
             "sentinel = sys.modules['cupy'] = type(sys)('cupy')\n"
             "with cuda_emu.installed() as fake:\n"
@@ -426,10 +435,7 @@ def test_the_emulated_cupy_does_not_leak():
             "with cuda_emu.installed():\n"
             "    get_backend('cupy')\n"
             "assert 'cupy' not in sys.modules and 'cupy' not in _CACHE\n")
-    import subprocess
-    from pathlib import Path
-
     tests = Path(__file__).resolve().parent
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True,
-                          env={**__import__("os").environ, "PYTHONPATH": str(tests)})
+    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": str(tests)})
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from ..errors import DtypeError, InputError, ShapeError
 from .common import check_float, check_shape, get_xp
 from .linear import linear
 from .norm import sigmoid
-from .quant import FP8Weight, NVFP4Weight
+from .quant import FP8Weight, NVFP4Weight, _check_fp8, _check_nvfp4
 
 
 def _dense(*weights):
@@ -104,13 +104,8 @@ def mlp(x, up, down):  # [..., d], [f,d], [d,f] -> [..., d]
     return linear(relu2(linear(x, up)), down)
 
 
-def moe_experts(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
-    """The routed experts in their own width l: out[t] = sum_j w[t,j] * down[e](relu2(up[e] x[t])), e = idx[t,j].
-
-    Like transformers' NemotronHExperts: loop over the experts that were hit, in ascending order, gather
-    their tokens, run the expert, and accumulate the weighted outputs in the compute dtype.
-    """
-    name = "moe_experts"
+def check_experts(name, x, idx, weights, up, down):  # -> (dtype, t, l, e, f)
+    """The shape and dtype rules of the routed experts (shared with the GPU backends' launchers)."""
     dtype = check_float(name, x, weights, *_dense(up, down))
     check_shape(name, "x", x, (None, None))
     t, l = x.shape
@@ -121,13 +116,30 @@ def moe_experts(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,
     check_shape(name, "down", down, (e, l, f))
     if not np.issubdtype(idx.dtype, np.integer):
         raise DtypeError(f"{name}: idx has dtype {idx.dtype}, expected integer expert indices")
-    xp = get_xp(x, idx, weights, *_dense(up, down))
     if idx.size and (int(idx.min()) < 0 or int(idx.max()) >= e):
         raise InputError(f"{name}: idx holds expert ids in [{int(idx.min())}, {int(idx.max())}], expected "
                          f"[0, {e}) for the e={e} experts of up/down")
+    xp = get_xp(idx)
     ordered = xp.sort(idx, axis=-1)
     if bool(xp.any(ordered[:, 1:] == ordered[:, :-1])):
         raise InputError(f"{name}: idx names one expert twice for a token; route() picks k distinct experts")
+    for w, arg in ((up, "up"), (down, "down")):  # packed stacks: the codec's own rules
+        if isinstance(w, NVFP4Weight):
+            _check_nvfp4(f"{name} ({arg})", w.packed, w.block_scale, w.global_scale)
+        elif isinstance(w, FP8Weight):
+            _check_fp8(f"{name} ({arg})", w.data, w.scale)
+    return dtype, t, l, e, f
+
+
+def moe_experts(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
+    """The routed experts in their own width l: out[t] = sum_j w[t,j] * down[e](relu2(up[e] x[t])), e = idx[t,j].
+
+    Like transformers' NemotronHExperts: loop over the experts that were hit, in ascending order, gather
+    their tokens, run the expert, and accumulate the weighted outputs in the compute dtype.
+    """
+    name = "moe_experts"
+    dtype, t, l, e, f = check_experts(name, x, idx, weights, up, down)
+    xp = get_xp(x, idx, weights, *_dense(up, down))
     out = xp.zeros((t, l), dtype=dtype)
     for ex in xp.unique(idx).tolist():
         # the (token, slot) pairs routed to expert ex; each token at most once

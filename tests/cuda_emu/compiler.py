@@ -58,7 +58,7 @@ def gxx():
 
 def _blank_comments(text):
     """Comments -> spaces (newlines kept, so line numbers stay right)."""
-    return re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m.group(0)), text, flags=re.S)
+    return re.sub(r"//[^\n]*|/\*.*?\*/", lambda m: re.sub(r"[^\n]", " ", m.group(0)), text, flags=re.DOTALL)
 
 
 def _inline_includes(text, name, include_dirs, seen):
@@ -139,9 +139,9 @@ def gxx_command(options):
     return [gxx(), *GXX_FLAGS, *defines, "-I", str(HERE), "-include", str(EMU_H)], includes
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _gxx_version(path):
-    return subprocess.run([path, "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    return subprocess.run([path, "--version"], capture_output=True, text=True, check=True).stdout.split("\n")[0]
 
 
 def _job(code, options):

@@ -93,7 +93,10 @@ class ndarray(np.ndarray):
 
     def __array_function__(self, func, types_, args, kwargs):
         _refuse_host_arrays(f"numpy.{func.__name__}", (*args, *kwargs.values()))
-        plain = lambda a: type(a)(_plain(x) for x in a) if type(a) in (list, tuple) else _plain(a)  # noqa: E731
+
+        def plain(a):
+            return type(a)(_plain(x) for x in a) if type(a) in (list, tuple) else _plain(a)
+
         return _to_device(func(*(plain(a) for a in args), **{k: plain(v) for k, v in kwargs.items()}))
 
 
@@ -272,12 +275,15 @@ class Device:
 
     id = 0
     compute_capability = "90"
-    attributes = {"MultiProcessorCount": SM_COUNT, "MaxSharedMemoryPerBlockOptin": SMEM_OPTIN,
-                  "MaxThreadsPerBlock": 1024, "WarpSize": 32}
 
     def __init__(self, device=0):
         if device != 0:
             raise EmulatorError(f"cupy.cuda.Device({device}): the emulator has device 0 only")
+
+    @property
+    def attributes(self):
+        return {"MultiProcessorCount": SM_COUNT, "MaxSharedMemoryPerBlockOptin": SMEM_OPTIN,
+                "MaxThreadsPerBlock": 1024, "WarpSize": 32}
 
     def synchronize(self):
         """Nothing to wait for: every emulated launch has finished when it returns."""

@@ -10,9 +10,8 @@ decoded inside the grouped matmul. Arguments are checked before cupy is imported
 
 import numpy as np
 
-from ...errors import DtypeError, InputError, ShapeError
+from ...errors import InputError, ShapeError
 from ...ops import moe as moe_ref
-from ...ops import quant as quant_ref
 from ...ops.common import check_float, check_shape
 from ...ops.quant import FP8Weight, NVFP4Weight
 from .attention import shared_kernel
@@ -70,21 +69,7 @@ def route_cupy(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, 
 
 def _check_experts(name, x, idx, weights, up, down):
     """The reference's shape/dtype rules; returns (dtype, t, l, k, e, f)."""
-    dtype = check_float(name, x, weights, *[w for w in (up, down) if not _packed(w)])
-    check_shape(name, "x", x, (None, None))
-    t, l = x.shape
-    check_shape(name, "idx", idx, (t, None))
-    check_shape(name, "weights", weights, tuple(idx.shape))
-    check_shape(name, "up", up, (None, None, l))
-    e, f = up.shape[:2]
-    check_shape(name, "down", down, (e, l, f))
-    if not np.issubdtype(idx.dtype, np.integer):
-        raise DtypeError(f"{name}: idx has dtype {idx.dtype}, expected integer expert indices")
-    for w in (up, down):  # packed stacks: the codec's own rules (uint8 codes, scale shapes, in % 16 == 0)
-        if isinstance(w, NVFP4Weight):
-            quant_ref._check_nvfp4(name, w.packed, w.block_scale, w.global_scale)
-        elif isinstance(w, FP8Weight):
-            quant_ref._check_fp8(name, w.data, w.scale)
+    dtype, t, l, e, f = moe_ref.check_experts(name, x, idx, weights, up, down)
     return dtype, t, l, idx.shape[1], e, f
 
 

@@ -33,7 +33,7 @@ from numba import cuda, float32, int32
 
 from ...errors import InputError
 from ...ops import moe as moe_ref
-from ...ops.common import check_float, check_shape, get_xp
+from ...ops.common import check_float, get_xp
 from ...ops.quant import FP8Weight, NVFP4Weight
 from .quant import ACT_NONE, ACT_RELU2, grouped_matmul, linear_numba, weight_arrays
 from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
@@ -229,14 +229,9 @@ def moe_experts_numba(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l
     name = "moe_experts"
     if check_float(name, x, weights, *moe_ref._dense(up, down)) != np.float32:
         return moe_ref.moe_experts(x, idx, weights, up, down)
-    check_shape(name, "x", x, (None, None))
-    t, l = x.shape
-    check_shape(name, "idx", idx, (t, None))
-    check_shape(name, "weights", weights, tuple(idx.shape))
-    moe_ref.moe_experts(x[:0], idx[:0], weights[:0], up, down)  # the other checks (no tokens: no compute)
+    _, t, l, e, f = moe_ref.check_experts(name, x, idx, weights, up, down)
     xp = get_xp(x, idx, weights)
     k = idx.shape[1]
-    e, f = up.shape[:2]
     pairs = t * k
     out = xp.zeros((t, l), dtype=np.float32)
     if pairs == 0 or l == 0:
