@@ -8,17 +8,12 @@ dequantisation, the same expert selection for the router. Shapes are small but c
 256-thread blocks, the attention/MoE/matmul tiles and the SSD chunk, with non-multiples; pinned ``@example``s
 plus a few Hypothesis examples each (the ``ci`` profile). End to end: a random tiny checkpoint and its
 "ultra"-quantized copy, loaded with backend="cupy", give the numpy backend's logits (prefill + one decode
-step). Last, the emulator's own checks: each misuse it promises to catch is caught.
+step). The emulator's own checks are tested in tests/cuda_emu/test_emulator.py.
 
 The emulated ``cupy`` exists only inside the module fixture (cuda_emu.installed()). Where a CUDA GPU and cupy
 are present these tests skip: test_backend_cupy_{core,mamba}.py and test_backend_model.py run the same
 kernels on the device. A missing g++ fails the fixture (EmulatorError), it never skips.
 """
-
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import cuda_emu
 import gpu_harness
@@ -303,139 +298,3 @@ def test_model_matches_numpy(be, checkpoint):  # noqa: F811
     got.forward(ids, c_got)
     assert_close(got.forward([[2]], c_got), ref.forward([[2]], c_ref), "kernel_model", np.float32,
                  what="cupy (emulated) decode step")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The emulator's own checks (tests/cuda_emu): what it promises to catch is caught
-
-CHECKS_CU = r"""
-extern "C" __global__ void block_sums(const float* __restrict__ x, float* __restrict__ out, int n) {
-    __shared__ float partial[32];
-    const int i = blockIdx.x * blockDim.x + threadIdx.x;
-    float v = i < n ? x[i] : 0.0f;
-    for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
-    if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        float s = 0.0f;
-        for (int w = 0; w < blockDim.x / 32; ++w) s += partial[w];
-        out[blockIdx.x] = s;
-    }
-}
-extern "C" __global__ void missing_barrier(float* __restrict__ out, int writer) {
-    __shared__ float cell;
-    if (threadIdx.x == writer) cell = 1.0f;
-    out[blockIdx.x * blockDim.x + threadIdx.x] = cell;   // no __syncthreads() before the read
-}
-extern "C" __global__ void is_null(const float* __restrict__ maybe, int* __restrict__ flag) { *flag = !maybe; }
-extern "C" __global__ void no_bounds_check(float* __restrict__ out) { out[threadIdx.x] = 1.0f; }
-extern "C" __global__ void deadlock(float* __restrict__ out) {
-    if (threadIdx.x == 0) __syncthreads(); else __syncwarp();
-}
-extern "C" __global__ void divergent_barrier(float* __restrict__ out) {
-    if (threadIdx.x < 32)
-        __syncthreads();
-    else
-        __syncthreads();
-}
-extern "C" __global__ void shuffle_from_exited(float* __restrict__ out) {
-    if (threadIdx.x >= 16) return;
-    out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1.0f, 16);
-}
-extern "C" __global__ void far_write(float* __restrict__ out, long long offset) { out[offset] = 1.0f; }
-extern "C" __global__ void divide(int* __restrict__ out, int d) { *out = 7 / d; }
-extern "C" __global__ void smem_overrun(float* __restrict__ out, int n) {
-    extern __shared__ float dyn[];
-    dyn[n + threadIdx.x] = 1.0f;
-}
-"""
-
-
-@pytest.fixture(scope="module")
-def checks(be):
-    return be.xp.RawModule(code=CHECKS_CU, options=("-std=c++17",))
-
-
-def test_emulator_runs_shuffles_barriers_and_shared_memory(be, checks):
-    x = np.random.default_rng(0).integers(-8, 9, 300).astype(np.float32)   # integer sums: exact in any order
-    out = be.xp.empty(3, dtype=np.float32)
-    checks.get_function("block_sums")((3,), (128,), (be.asarray(x), out, np.int32(300)))
-    assert np.array_equal(be.to_numpy(out), np.add.reduceat(x, [0, 128, 256]))
-
-
-@pytest.mark.parametrize("writer", [0, 127])
-def test_emulator_exposes_a_missing_barrier(be, checks, writer):
-    """Threads run last-first in even blocks and first-first in odd ones: the read before the write shows."""
-    out = be.xp.empty((2, 128), dtype=np.float32)
-    checks.get_function("missing_barrier")((2,), (128,), (out, np.int32(writer)))
-    assert np.isnan(be.to_numpy(out)).any()
-
-
-F32, I32 = np.float32, np.int32
-
-
-@pytest.mark.parametrize("kernel, grid, block, out, extra, smem, message", [
-    # grid (0,) launches one block, as CuPy's max(1, d) does; 40 threads write 32 floats
-    ("no_bounds_check", (0,), (40,), (32, F32), (), 0, "outside the buffer of argument 'out'"),
-    ("deadlock", (1,), (32,), (1, F32), (), 0, "deadlock"),
-    ("divergent_barrier", (1,), (64,), (1, F32), (), 0, "different __syncthreads"),
-    ("shuffle_from_exited", (1,), (32,), (32, F32), (), 0, "reads lane 16, which has exited"),
-    ("far_write", (1,), (1,), (1, F32), (np.int64(2**45),), 0, "memory fault"),
-    ("divide", (1,), (1,), (1, I32), (I32(0),), 0, "division by zero"),
-    ("smem_overrun", (1,), (32,), (1, F32), (I32(8),), 64, "past the end of the 64 bytes"),
-    ("smem_overrun", (1,), (32,), (1, F32), (I32(0),), 49 * 1024, "exceeds the kernel's limit"),
-    ("divide", (1, 70000), (1,), (1, I32), (I32(1),), 0, "grid"),
-    ("divide", (1,), (1025,), (1, I32), (I32(1),), 0, "block"),
-])
-def test_emulator_reports_kernel_errors(be, checks, kernel, grid, block, out, extra, smem, message):
-    """Each is a launch error (the test process survives faults), never a silent wrong result."""
-    with pytest.raises(cuda_emu.EmulatorError, match=message):
-        checks.get_function(kernel)(grid, block, (be.xp.empty(out[0], dtype=out[1]), *extra), shared_mem=smem)
-
-
-def test_emulator_checks_arguments_as_the_cupy_abi_needs_them(be, checks):
-    kernel, xp = checks.get_function("is_null"), be.xp
-    flag, x = xp.zeros(1, dtype=np.int32), xp.zeros(4, dtype=np.float32)
-    kernel((1,), (1,), (np.uint64(0), flag))   # loader.NULL: a 64-bit zero is a null pointer
-    assert be.to_numpy(flag)[0] == 1
-    kernel((1,), (1,), (x, flag))
-    assert be.to_numpy(flag)[0] == 0
-    bad = [((None, flag), "cupy issue #9046"),                             # CuPy sends None as 0xffffffff
-           ((np.zeros(4, np.float32), flag), "expected a device array"),   # a host array
-           ((x.astype(np.float64), flag), "float64 array"),
-           ((xp.zeros(8, dtype=np.float32)[::2], flag), "non-contiguous"),
-           ((x,), "1 arguments for 2 parameters")]
-    for args, message in bad:
-        with pytest.raises(cuda_emu.EmulatorError, match=message):
-            kernel((1,), (1,), args)
-    with pytest.raises(TypeError, match="expected tuple"):              # CuPy's Function.__call__(tuple grid, ..)
-        kernel([1], (1,), (x, flag))
-    with pytest.raises(cuda_emu.EmulatorError, match="numpy.int32"):   # CuPy sends a Python int as 64 bits
-        checks.get_function("divide")((1,), (1,), (xp.zeros(1, dtype=np.int32), 3))
-    with pytest.raises(TypeError, match="host numpy array"):             # as CuPy: no implicit host/device mix
-        x + np.ones(4, np.float32)
-
-
-def test_missing_gxx_fails_with_a_clear_message(monkeypatch):
-    monkeypatch.setenv("PATH", "")
-    monkeypatch.setenv("CXX", "no-such-compiler")
-    with pytest.raises(cuda_emu.EmulatorError, match="g\\+\\+ not found"):
-        cuda_emu.gxx()
-
-
-def test_the_emulated_cupy_does_not_leak():
-    """After installed(): the previous "cupy" module (or none) and no cached cupy backend. A fresh process, as
-    this module's own fixture holds the emulator while its tests run."""
-    code = ("import sys, cuda_emu; from nemo_scratch.backends import _CACHE, get_backend\n"
-            "sentinel = sys.modules['cupy'] = type(sys)('cupy')\n"
-            "with cuda_emu.installed() as fake:\n"
-            "    assert sys.modules['cupy'] is fake and get_backend('cupy').xp is fake\n"
-            "assert sys.modules['cupy'] is sentinel and 'cupy' not in _CACHE\n"
-            "del sys.modules['cupy']\n"
-            "with cuda_emu.installed():\n"
-            "    get_backend('cupy')\n"
-            "assert 'cupy' not in sys.modules and 'cupy' not in _CACHE\n")
-    tests = Path(__file__).resolve().parent
-    done = subprocess.run([sys.executable, "-c", code], cwd=tests, capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(tests)})
-    assert done.returncode == 0, done.stderr

@@ -32,20 +32,23 @@ def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh]
     """softmax(q k^T * dh**-0.5 + causal mask) v, with the query heads grouped over the kv heads."""
     dtype, b, t, s, nq, nkv, dh = check_attention("gqa_attention", q, k, v)
     xp = get_xp(q, k, v)
-    # [b, t, kv, r, dh]: query head j = gg * r + i (r = q/kv) lands at [gg, i] and reads kv head gg = j // r
-    qg = q.reshape(b, t, nkv, nq // nkv, dh)
-    # S = q k^T * dh**-0.5
-    scores = xp.einsum("btgrd,bsgd->bgrts", qg, k) * dtype.type(dh ** -0.5)                      # [b,kv,r,t,s]
+    r = nq // nkv
+    # [b, kv, r, t, dh]: query head j = gg * r + i (r = q/kv) lands at [gg, i] and reads kv head gg = j // r
+    qg = xp.moveaxis(q.reshape(b, t, nkv, r, dh), 1, 3)
+    kt = xp.moveaxis(k, 1, 2)[:, :, None]                                   # [b,kv,1,s,dh]
+    vt = xp.moveaxis(v, 1, 2)[:, :, None]                                   # [b,kv,1,s,dh]
+    # S = q k^T * dh**-0.5     (einsum "bgrtd,bgsd->bgrts", as a batched matmul so BLAS does the work)
+    scores = xp.matmul(qg, xp.swapaxes(kt, -1, -2)) * dtype.type(dh ** -0.5)                 # [b,kv,r,t,s]
     if causal:
         # query i sits at key position s - t + i and sees keys j <= s - t + i
         visible = xp.arange(s)[None, :] <= xp.arange(t)[:, None] + (s - t)                       # [t,s]
         scores = xp.where(visible, scores, dtype.type(-np.inf))
     # P = softmax(S) = exp(S - max S) / sum exp(S - max S)
     probs = xp.exp(scores - xp.max(scores, axis=-1, keepdims=True))
-    probs = probs / xp.sum(probs, axis=-1, keepdims=True)
-    # o = P v, back to [b, t, q, dh]
-    out = xp.einsum("bgrts,bsgd->btgrd", probs, v)
-    return out.reshape(b, t, nq, dh)
+    probs /= xp.sum(probs, axis=-1, keepdims=True)
+    # o = P v                  (einsum "bgrts,bgsd->bgrtd"), back to [b, t, q, dh]
+    out = xp.matmul(probs, vt)                                                                # [b,kv,r,t,dh]
+    return xp.moveaxis(out, 3, 1).reshape(b, t, nq, dh)
 
 
 def gqa_decode(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]

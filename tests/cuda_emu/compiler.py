@@ -8,7 +8,7 @@ build(code, options)            path of the compiled .so (compiled once; reused 
 build_many(jobs)                the same for several sources at once, compiled in parallel
 
 The cache lives under the system temp dir (``nemo_scratch_cuda_emu_<uid>/<sha256>.so``); the key covers the
-translated text, emu.h, the g++ flags and the g++ version. Nothing here imports cupy or touches a GPU.
+translated text, emu.h and emu_fibers.h, the g++ flags and the g++ version. Nothing here imports cupy or touches a GPU.
 """
 
 import functools
@@ -82,17 +82,26 @@ _TYPE = r"[A-Za-z_][\w:<>, ]*?"
 
 
 def _rewrite_shared(code):
-    """__shared__ declarations -> references to the emulator's per-block shared memory (emu.h)."""
+    """__shared__ declarations (inside functions) -> the emulator's per-block shared memory (emu_fibers.h)."""
     code = re.sub(r"__align__\s*\([^)]*\)", "", code)
-    code = re.sub(rf"extern\s+__shared__\s+({_TYPE})\s+(\w+)\s*\[\s*\]\s*;",
-                  r"\1* const \2 = reinterpret_cast<\1*>(emu::dynamic_smem());", code)
 
-    def static(m):
+    def in_function(m):
+        if code.count("{", 0, m.start()) == code.count("}", 0, m.start()):
+            raise EmulatorError(f"__shared__ at namespace scope ({m.group(0)!r}) is not emulated: declare it "
+                                "inside the kernel or device function")
+
+    def dynamic(m):
+        in_function(m)
+        return f"{m.group(1)}* const {m.group(2)} = reinterpret_cast<{m.group(1)}*>(emu::dynamic_smem());"
+
+    def static(m):  # the address of a function-local static names the declaration (one per instantiation)
+        in_function(m)
         ctype, name, dims = m.group(1), m.group(2), re.sub(r"\s+", "", m.group(3))
         ref = f"(&{name}){dims}" if dims else f"&{name}"
         return (f"static char emu_key_{name}; {ctype} {ref} = *reinterpret_cast<{ctype}(*){dims}>("
                 f"emu::static_smem(&emu_key_{name}, sizeof({ctype}{dims})));")
 
+    code = re.sub(rf"extern\s+__shared__\s+({_TYPE})\s+(\w+)\s*\[\s*\]\s*;", dynamic, code)
     return re.sub(rf"__shared__\s+({_TYPE})\s+(\w+)\s*((?:\[[^\]]+\]\s*)*);", static, code)
 
 
@@ -149,7 +158,8 @@ def _job(code, options):
     argv, includes = gxx_command(options)
     text = translate(code, includes)
     version = _gxx_version(argv[0])
-    key = hashlib.sha256("\0".join([text, EMU_H.read_text(), " ".join(argv[1:]), version]).encode()).hexdigest()
+    headers = "".join(p.read_text() for p in sorted(HERE.glob("*.h")))   # emu.h, emu_fibers.h
+    key = hashlib.sha256("\0".join([text, headers, " ".join(argv[1:]), version]).encode()).hexdigest()
     return text, argv, CACHE_DIR / f"{key[:32]}.so"
 
 
