@@ -38,7 +38,7 @@ def backend():
 
 def run(be, op, *args, **kwargs):
     """Move array and packed-weight arguments to the device, run ``op``, bring the outputs back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, NVFP4Weight, FP8Weight)) else a  # noqa: E731
+    move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, np.generic, NVFP4Weight, FP8Weight)) else a  # noqa: E731
     out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
     return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
 

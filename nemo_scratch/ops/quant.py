@@ -271,7 +271,7 @@ def _decode_nvfp4(packed, block_scale, global_scale):  # [..., r, in/2], [..., r
     values = xp.asarray(E2M1_VALUES)[unpack_nibbles(packed)]                         # [..., r, in]
     values = values.reshape(*lead, rows, half * 2 // NVFP4_BLOCK, NVFP4_BLOCK)       # [..., r, in/16, 16]
     scaled = values * xp.asarray(E4M3_VALUES)[block_scale][..., None]                # exact
-    g = global_scale.reshape(*lead, 1, 1, 1)
+    g = xp.asarray(global_scale).reshape(*lead, 1, 1, 1)   # a host scalar scale also works with device codes
     return (scaled * g).reshape(*lead, rows, half * 2)
 
 
