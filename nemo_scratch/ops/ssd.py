@@ -149,20 +149,25 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b
     # 1. Xd = x * dt, Ad = A * dt;  2. cut into chunks [b, nc, q, ...], Ad as [b, h, nc, q], Acum = cumsum(Ad)
     Xd = _to_chunks(x * dt[..., None], nc, q)                                                # [b,nc,q,h,p]
     Ad = xp.moveaxis(_to_chunks(dt * A, nc, q), 3, 1)                                         # [b,h,nc,q]
-    Bc, Cc = _to_chunks(_per_head(B, h), nc, q), _to_chunks(_per_head(C, h), nc, q)           # [b,nc,q,h,n]
+    Bg, Cg = _to_chunks(B, nc, q), _to_chunks(C, nc, q)                                       # [b,nc,q,g,n]
     Acum = xp.cumsum(Ad, axis=-1)
+    # B and C are per group: head hh = gg * r + i (r = h/g) uses group gg, so heads are viewed as [g, r] and
+    # every contraction below is a batched matmul that broadcasts a group's B/C over its r heads.
+    r = h // g
+    Bt, Ct = xp.moveaxis(Bg, 3, 2)[:, :, :, None], xp.moveaxis(Cg, 3, 2)[:, :, :, None]      # [b,nc,g,1,q,n]
     # 3. L = exp(segsum(Ad)): decay from step s to step l inside a chunk
     L = xp.exp(segsum(Ad))                                                                    # [b,h,nc,q,q]
     # 4. diagonal blocks: Y_diag[l] = sum_s (C_l . B_s) L[l, s] Xd_s
-    #    (einsum "bclhn,bcshn,bhcls,bcshp->bclhp"; C.B^T is computed once per group, then shared by its
-    #    h/g heads, and the contractions run as batched matmuls)
-    Cg, Bg = _to_chunks(C, nc, q), _to_chunks(B, nc, q)                                       # [b,nc,q,g,n]
-    CB = xp.matmul(xp.moveaxis(Cg, 3, 2), xp.moveaxis(Bg, 3, 2).swapaxes(-1, -2))             # [b,nc,g,l,s]
-    M = xp.repeat(CB, h // g, axis=2) * xp.moveaxis(L, 1, 2)                                  # [b,nc,h,l,s]
-    Y_diag = xp.moveaxis(xp.matmul(M, xp.moveaxis(Xd, 3, 2)), 2, 3)                          # [b,nc,l,h,p]
+    #    (einsum "bclhn,bcshn,bhcls,bcshp->bclhp"; C.B^T is computed once per group)
+    CB = xp.matmul(Ct, xp.swapaxes(Bt, -1, -2))                                               # [b,nc,g,1,l,s]
+    M = CB * xp.moveaxis(L, 1, 2).reshape(b, nc, g, r, q, q)                                  # [b,nc,g,r,l,s]
+    Xh = xp.moveaxis(Xd, 2, 4).reshape(b, nc, g, r, p, q)                                     # [b,nc,g,r,p,s]
+    Y_diag = xp.matmul(M, xp.swapaxes(Xh, -1, -2))                                            # [b,nc,g,r,l,p]
     # 5. each chunk's own end state: states = sum_l B_l exp(Acum[-1] - Acum[l]) Xd_l
+    #    (einsum "bclhn,bhcl,bclhp->bchpn")
     decay_states = xp.exp(Acum[..., -1:] - Acum)                                              # [b,h,nc,q]
-    states = xp.einsum("bclhn,bhcl,bclhp->bchpn", Bc, decay_states, Xd, optimize=True)        # [b,nc,h,p,n]
+    Xw = Xh * xp.moveaxis(decay_states, 1, 2).reshape(b, nc, g, r, 1, q)                      # [b,nc,g,r,p,l]
+    states = xp.matmul(Xw, Bt).reshape(b, nc, h, p, n)                                       # [b,nc,h,p,n]
     # 6. inter-chunk recurrence: prepend the initial state, carry it across chunk boundaries
     #    new_states[z] = sum_c exp(segsum(pad(Acum[..., -1], (1, 0))))[z, c] states[c]   (FIX 1 orientation)
     init = xp.zeros((b, h, p, n), dtype=dtype) if initial_state is None else initial_state
@@ -171,8 +176,10 @@ def ssd_scan_chunked(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b
     decay_chunk = xp.exp(segsum(chunk_decay))                                                 # [b,h,nc+1,nc+1]
     new_states = xp.einsum("bhzc,bchpn->bzhpn", decay_chunk, states, optimize=True)
     states, final_state = new_states[:, :-1], new_states[:, -1]                              # state entering c
-    # 7. off-diagonal blocks: Y_off[l] = C_l . states[c] exp(Acum[l])
-    Y_off = xp.einsum("bclhn,bchpn,bhcl->bclhp", Cc, states, xp.exp(Acum), optimize=True)
+    # 7. off-diagonal blocks: Y_off[l] = C_l . states[c] exp(Acum[l])   (einsum "bclhn,bchpn,bhcl->bclhp")
+    states_g = xp.swapaxes(states.reshape(b, nc, g, r, p, n), -1, -2)                        # [b,nc,g,r,n,p]
+    Y_off = xp.matmul(Ct, states_g) * xp.moveaxis(xp.exp(Acum), 1, 2).reshape(b, nc, g, r, q, 1)
     # 8. y = Y_diag + Y_off, uncut and cropped to t, + D x on the un-discretised x
-    y = (Y_diag + Y_off).reshape(b, nc * q, h, p)[:, :t]
+    y = xp.moveaxis((Y_diag + Y_off).reshape(b, nc, h, q, p), 2, 3)                          # [b,nc,q,h,p]
+    y = y.reshape(b, nc * q, h, p)[:, :t]
     return _skip(y, x, D), xp.ascontiguousarray(final_state)
