@@ -85,6 +85,31 @@ MODES = [pytest.param("sim", marks=[pytest.mark.sim, requires_sim], id="sim"),
          pytest.param("gpu", marks=[pytest.mark.gpu, requires_gpu], id="gpu")]
 
 
+# The runs of one Mamba-path property test across both GPU backends (tests/test_backend_mamba.py).
+BACKEND_MODES = [pytest.param("numba", "sim", marks=[pytest.mark.sim, requires_sim], id="numba-sim"),
+                 pytest.param("numba", "gpu", marks=[pytest.mark.gpu, requires_gpu], id="numba-gpu"),
+                 pytest.param("cupy", "gpu", marks=[pytest.mark.gpu, requires_cupy], id="cupy-gpu")]
+
+
+def run(be, op, *args, **kwargs):
+    """Move numpy array arguments to the backend, run ``op``, bring every output back to numpy."""
+    move = lambda a: be.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
+    out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
+    return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
+
+
+def maybe(flag, array):
+    return array if flag else None
+
+
+def ssd_inputs(make, b, t, h, p, g, n):
+    """x, dt (already discretized, > 0), A (< 0), B, C with the model's value ranges."""
+    x = make(b, t, h, p, lo=-2.0, hi=2.0)
+    dt = make(b, t, h, lo=0.01, hi=0.6)
+    A = -np.exp(make(h, lo=-1.0, hi=1.5))
+    return x, dt, A, make(b, t, g, n), make(b, t, g, n)
+
+
 def numba_backend():
     """The numba backend of this process (simulator or GPU); constructing it must not fail here."""
     from nemo_scratch.backends import get_backend

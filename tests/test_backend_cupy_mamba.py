@@ -1,9 +1,8 @@
-"""The cupy backend's Mamba-path kernels (kernels_cuda/{conv,ssd,norm}.cu) against the NumPy reference (issue 6).
+"""What is particular to the cupy backend's Mamba-path kernels (kernels_cuda/{conv,ssd,norm}.cu); the property
+tests they share with the numba backend are in tests/test_backend_mamba.py (parametrized over both).
 
-On a CUDA GPU with cupy (marker ``gpu``): Hypothesis property tests over the realistic shape ranges of
-tests/gpu_harness.py (crossing the warp, the 128/256-thread blocks and the SSD chunk, with non-multiples, over
-head/group ratios 1..8, batch >= 1, with and without bias, D and initial state), pinned chunk-boundary cases,
-and one call of every kernel at Nemotron 3 Ultra's Mamba shapes (256 heads x 64, state 128, 8 groups,
+On a CUDA GPU with cupy (marker ``gpu``): pinned chunk-boundary cases up to the model's chunk of 128, and
+one call of every kernel at Nemotron 3 Ultra's Mamba shapes (256 heads x 64, state 128, 8 groups,
 conv_dim 18432). Tolerances: tests/tolerances.py ``kernel_*`` keys.
 
 Without a GPU the ``gpu`` tests skip with the reason "no CUDA GPU"; the argument checks (which run before
@@ -13,9 +12,7 @@ cupy is imported) and the backend's "no GPU" error are tested everywhere.
 import gpu_harness  # noqa: F401  (first: turns the numba simulator on before anything imports numba)
 import numpy as np
 import pytest
-from gpu_harness import arrays, cupy_available, dim, heads_groups, requires_cupy, seeds
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from gpu_harness import arrays, cupy_available, requires_cupy, run, ssd_inputs
 from tolerances import assert_close
 
 from nemo_scratch.backends import get_backend
@@ -25,117 +22,9 @@ from nemo_scratch.backends.cupy import ssd as ssd_cupy
 from nemo_scratch.errors import BackendError, DtypeError, InputError, ShapeError
 from nemo_scratch.ops import conv, norm, ssd
 
-EXAMPLES = 25
-gpu = [pytest.mark.gpu, requires_cupy]
-
 
 def backend():
     return get_backend("cupy")
-
-
-def run(be, op, *args, **kwargs):
-    """Move numpy array arguments to the device, run ``op``, bring every output back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
-    out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
-    return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
-
-
-def maybe(flag, array):
-    return array if flag else None
-
-
-def ssd_inputs(make, b, t, h, p, g, n):
-    """x, dt (already discretized, > 0), A (< 0), B, C with the model's value ranges."""
-    x = make(b, t, h, p, lo=-2.0, hi=2.0)
-    dt = make(b, t, h, lo=0.01, hi=0.6)
-    A = -np.exp(make(h, lo=-1.0, hi=1.5))
-    return x, dt, A, make(b, t, g, n), make(b, t, g, n)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# conv1d
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds, with_state=st.booleans(), with_bias=st.booleans(),
-       activation=st.sampled_from(["silu", None]), strided=st.booleans())
-def test_causal_conv1d_matches_reference(mode, data, seed, with_state, with_bias, activation, strided):
-    b, t, c, w = (data.draw(dim(mode, k)) for k in ("batch", "time", "channels", "conv_width"))
-    make, be = arrays(seed), backend()
-    # strided: x is a column slice of a wider activation, as the model's xBC slice of in_proj's output
-    x = make(b, t, c + 3)[:, :, 1:c + 1] if strided else make(b, t, c)
-    weight, bias, state = make(c, w), maybe(with_bias, make(c)), maybe(with_state, make(b, c, w))
-    y, new_state = run(be, be.causal_conv1d, x, weight, bias, state, activation=activation)
-    y_ref, state_ref = conv.causal_conv1d(x, weight, bias, state, activation=activation)
-    assert_close(y, y_ref, "kernel_conv1d", what="causal_conv1d y")
-    # the new state is a copy of raw inputs: exact
-    assert new_state.shape == state_ref.shape and new_state.dtype == state_ref.dtype
-    assert np.array_equal(new_state, state_ref)
-
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds, with_bias=st.booleans(), activation=st.sampled_from(["silu", None]),
-       in_place=st.booleans())
-def test_causal_conv1d_step_matches_reference(mode, data, seed, with_bias, activation, in_place):
-    b, c, w = (data.draw(dim(mode, k)) for k in ("batch", "channels", "conv_width"))
-    make, be = arrays(seed), backend()
-    x, state, weight, bias = make(b, c), make(b, c, w), make(c, w), maybe(with_bias, make(c))
-    y_ref, state_ref = conv.causal_conv1d_step(x, state, weight, bias, activation=activation)
-    dev_state = be.asarray(state.copy())
-    y, new_state = be.causal_conv1d_step(be.asarray(x), dev_state, be.asarray(weight),
-                                         None if bias is None else be.asarray(bias), activation=activation,
-                                         out_state=dev_state if in_place else None)
-    # in place: the state buffer itself is the new state; else the input state is untouched
-    assert (new_state is dev_state) == in_place
-    if not in_place:
-        assert np.array_equal(be.to_numpy(dev_state), state)
-    assert_close(be.to_numpy(y), y_ref, "kernel_conv1d", what="causal_conv1d_step y")
-    assert np.array_equal(be.to_numpy(new_state), state_ref)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# norms
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds, lead=st.integers(0, 2))
-def test_rms_norm_matches_reference(mode, data, seed, lead):
-    shape = tuple(data.draw(dim(mode, "rows")) for _ in range(lead)) + (data.draw(dim(mode, "width")),)
-    make, be = arrays(seed), backend()
-    x, weight = make(*shape, lo=-3.0, hi=3.0), make(shape[-1])
-    assert_close(run(be, be.rms_norm, x, weight, 1e-5), norm.rms_norm(x, weight, 1e-5), "kernel_rms_norm")
-
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds)
-def test_gated_rms_norm_matches_reference(mode, data, seed):
-    rows, groups, width = (data.draw(dim(mode, k)) for k in ("rows", "groups", "width"))
-    lead = (rows,) if data.draw(st.booleans()) else (1, rows)
-    make, be = arrays(seed), backend()
-    y, z = make(*lead, groups * width, lo=-3.0, hi=3.0), make(*lead, groups * width, lo=-4.0, hi=4.0)
-    weight = make(groups * width)
-    got = run(be, be.gated_rms_norm, y, z, weight, groups, 1e-5)
-    assert_close(got, norm.gated_rms_norm(y, z, weight, groups, 1e-5), "kernel_gated_rms_norm")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# SSD
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds, with_d=st.booleans(), with_state=st.booleans())
-def test_ssd_scan_matches_reference(mode, data, seed, with_d, with_state):
-    b, t, chunk, p, n = (data.draw(dim(mode, k)) for k in ("batch", "time", "chunk", "head_dim", "state"))
-    h, g = data.draw(heads_groups(mode))
-    make, be = arrays(seed), backend()
-    x, dt, A, B, C = ssd_inputs(make, b, t, h, p, g, n)
-    D, init = maybe(with_d, make(h)), maybe(with_state, make(b, h, p, n))
-    y, final = run(be, be.ssd_scan, x, dt, A, B, C, chunk, D=D, initial_state=init)
-    y_ref, final_ref = ssd.ssd_scan_chunked(x, dt, A, B, C, chunk, D=D, initial_state=init)
-    assert_close(y, y_ref, "kernel_ssd", what=f"ssd_scan y (t={t}, chunk={chunk})")
-    assert_close(final, final_ref, "kernel_ssd", what=f"ssd_scan final_state (t={t}, chunk={chunk})")
 
 
 @pytest.mark.gpu
@@ -151,27 +40,6 @@ def test_ssd_scan_chunk_boundaries(t, chunk):
     y_ref, final_ref = ssd.ssd_scan_chunked(x, dt, A, B, C, chunk, D=D, initial_state=init)
     assert_close(y, y_ref, "kernel_ssd", what="ssd_scan y")
     assert_close(final, final_ref, "kernel_ssd", what="ssd_scan final_state")
-
-
-@pytest.mark.parametrize("mode", [pytest.param("gpu", marks=gpu)])
-@settings(max_examples=EXAMPLES)
-@given(data=st.data(), seed=seeds, with_d=st.booleans(), in_place=st.booleans())
-def test_ssd_step_matches_reference(mode, data, seed, with_d, in_place):
-    b, p, n = (data.draw(dim(mode, k)) for k in ("batch", "head_dim", "step_state"))
-    h, g = data.draw(heads_groups(mode))
-    make, be = arrays(seed), backend()
-    x, dt, A, B, C = ssd_inputs(make, b, 1, h, p, g, n)
-    x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
-    D, state = maybe(with_d, make(h)), make(b, h, p, n, lo=-3.0, hi=3.0)
-    y_ref, state_ref = ssd.ssd_step(x, dt, A, B, C, D, state)
-    dev_state = be.asarray(state.copy())
-    y, new_state = be.ssd_step(*(be.asarray(a) for a in (x, dt, A, B, C)), None if D is None else be.asarray(D),
-                               dev_state, out_state=dev_state if in_place else None)
-    assert (new_state is dev_state) == in_place
-    if not in_place:
-        assert np.array_equal(be.to_numpy(dev_state), state)
-    assert_close(be.to_numpy(y), y_ref, "kernel_ssd_step", what="ssd_step y")
-    assert_close(be.to_numpy(new_state), state_ref, "kernel_ssd_step", what="ssd_step new_state")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -220,25 +88,6 @@ def test_every_kernel_at_ultra_shapes():
     xd, wd = make(bs, d, lo=-3.0, hi=3.0), make(d)
     assert_close(run(be, be.rms_norm, xd, wd, 1e-5), norm.rms_norm(xd, wd, 1e-5), "kernel_rms_norm",
                  what="ultra rms_norm")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Edge cases, float64, the backend object
-
-@pytest.mark.gpu
-@requires_cupy
-def test_empty_sequence_keeps_the_state():
-    """t = 0: no token, the conv and SSM states come back unchanged (empty launches are skipped)."""
-    make, be = arrays(7), backend()
-    state = make(2, 5, 4)
-    y, new_state = run(be, be.causal_conv1d, make(2, 0, 5), make(5, 4), make(5), state)
-    assert y.shape == (2, 0, 5) and np.array_equal(new_state, state)
-    x, dt, A, B, C = ssd_inputs(make, 2, 0, 2, 3, 1, 4)
-    init = make(2, 2, 3, 4)
-    y, final = run(be, be.ssd_scan, x, dt, A, B, C, 4, initial_state=init)
-    assert y.shape == (2, 0, 2, 3) and np.array_equal(final, init)
-    y, final = run(be, be.ssd_scan, x, dt, A, B, C, 4)
-    assert np.array_equal(final, np.zeros_like(init))
 
 
 @pytest.mark.gpu

@@ -1,7 +1,8 @@
-"""The numba backend's Mamba-path kernels against the NumPy reference (issue 6).
+"""The Mamba-path kernels of both GPU backends against the NumPy reference (issue 6).
 
-Kernels: nemo_scratch/backends/numba_cuda/{conv,ssd,norm}.py. Each property test runs twice (gpu_harness.MODES):
-``sim`` with tiny shapes on the CUDA simulator, ``gpu`` with realistic shapes on a device; the shapes cross
+Kernels: nemo_scratch/backends/numba_cuda/{conv,ssd,norm}.py and kernels_cuda/{conv,ssd,norm}.cu (through
+nemo_scratch/backends/cupy/). The property tests run for each of gpu_harness.BACKEND_MODES: numba with tiny
+shapes on the CUDA simulator, and numba and cupy with realistic shapes on a device; the shapes cross
 the warp (32), the block sizes and the SSD chunk with non-multiples, over several head/group ratios, batch
 >= 1, with and without the optional arguments (bias, D, initial state). Tolerances: tests/tolerances.py
 ``kernel_*`` keys.
@@ -10,36 +11,29 @@ the warp (32), the block sizes and the SSD chunk with non-multiples, over severa
 import gpu_harness  # noqa: F401  (first: turns the simulator on before numba is imported)
 import numpy as np
 import pytest
-from gpu_harness import EXAMPLES, MODES, arrays, dim, heads_groups, numba_backend, seeds
+from gpu_harness import (BACKEND_MODES, EXAMPLES, MODES, arrays, dim, heads_groups, maybe, numba_backend, run,
+                         seeds, ssd_inputs)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
 
+from nemo_scratch.backends import get_backend
 from nemo_scratch.errors import DtypeError, InputError, ShapeError
 from nemo_scratch.ops import conv, norm, ssd
 
 
-def run(be, op, *args, **kwargs):
-    """Move numpy array arguments to the backend, run ``op``, bring every output back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
-    out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
-    return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
-
-
-def maybe(flag, array):
-    return array if flag else None
 
 
 # ---------------------------------------------------------------------------------------------------------
 # conv1d
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, with_state=st.booleans(), with_bias=st.booleans(),
        activation=st.sampled_from(["silu", None]), strided=st.booleans())
-def test_causal_conv1d_matches_reference(mode, data, seed, with_state, with_bias, activation, strided):
+def test_causal_conv1d_matches_reference(backend, mode, data, seed, with_state, with_bias, activation, strided):
     b, t, c, w = (data.draw(dim(mode, k)) for k in ("batch", "time", "channels", "conv_width"))
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     # strided: x is a column slice of a wider activation, as the model's xBC slice of in_proj's output
     x = make(b, t, c + 3)[:, :, 1:c + 1] if strided else make(b, t, c)
     weight, bias, state = make(c, w), maybe(with_bias, make(c)), maybe(with_state, make(b, c, w))
@@ -51,13 +45,13 @@ def test_causal_conv1d_matches_reference(mode, data, seed, with_state, with_bias
     assert np.array_equal(new_state, state_ref)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, with_bias=st.booleans(), activation=st.sampled_from(["silu", None]),
        in_place=st.booleans())
-def test_causal_conv1d_step_matches_reference(mode, data, seed, with_bias, activation, in_place):
+def test_causal_conv1d_step_matches_reference(backend, mode, data, seed, with_bias, activation, in_place):
     b, c, w = (data.draw(dim(mode, k)) for k in ("batch", "channels", "conv_width"))
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     x, state, weight, bias = make(b, c), make(b, c, w), make(c, w), maybe(with_bias, make(c))
     y_ref, state_ref = conv.causal_conv1d_step(x, state, weight, bias, activation=activation)
     dev_state = be.asarray(state.copy())
@@ -75,23 +69,23 @@ def test_causal_conv1d_step_matches_reference(mode, data, seed, with_bias, activ
 # ---------------------------------------------------------------------------------------------------------
 # norms
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, lead=st.integers(0, 2))
-def test_rms_norm_matches_reference(mode, data, seed, lead):
+def test_rms_norm_matches_reference(backend, mode, data, seed, lead):
     shape = tuple(data.draw(dim(mode, "rows")) for _ in range(lead)) + (data.draw(dim(mode, "width")),)
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     x, weight = make(*shape, lo=-3.0, hi=3.0), make(shape[-1])
     assert_close(run(be, be.rms_norm, x, weight, 1e-5), norm.rms_norm(x, weight, 1e-5), "kernel_rms_norm")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds)
-def test_gated_rms_norm_matches_reference(mode, data, seed):
+def test_gated_rms_norm_matches_reference(backend, mode, data, seed):
     rows, groups, width = (data.draw(dim(mode, k)) for k in ("rows", "groups", "width"))
     lead = (rows,) if data.draw(st.booleans()) else (1, rows)
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     y, z = make(*lead, groups * width, lo=-3.0, hi=3.0), make(*lead, groups * width, lo=-4.0, hi=4.0)
     weight = make(groups * width)
     got = run(be, be.gated_rms_norm, y, z, weight, groups, 1e-5)
@@ -101,21 +95,15 @@ def test_gated_rms_norm_matches_reference(mode, data, seed):
 # ---------------------------------------------------------------------------------------------------------
 # SSD
 
-def ssd_inputs(make, b, t, h, p, g, n):
-    """x, dt (already discretized, > 0), A (< 0), B, C with the model's value ranges."""
-    x = make(b, t, h, p, lo=-2.0, hi=2.0)
-    dt = make(b, t, h, lo=0.01, hi=0.6)
-    A = -np.exp(make(h, lo=-1.0, hi=1.5))
-    return x, dt, A, make(b, t, g, n), make(b, t, g, n)
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, with_d=st.booleans(), with_state=st.booleans())
-def test_ssd_scan_matches_reference(mode, data, seed, with_d, with_state):
+def test_ssd_scan_matches_reference(backend, mode, data, seed, with_d, with_state):
     b, t, chunk, p, n = (data.draw(dim(mode, k)) for k in ("batch", "time", "chunk", "head_dim", "state"))
     h, g = data.draw(heads_groups(mode))
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     x, dt, A, B, C = ssd_inputs(make, b, t, h, p, g, n)
     D, init = maybe(with_d, make(h)), maybe(with_state, make(b, h, p, n))
     y, final = run(be, be.ssd_scan, x, dt, A, B, C, chunk, D=D, initial_state=init)
@@ -124,13 +112,13 @@ def test_ssd_scan_matches_reference(mode, data, seed, with_d, with_state):
     assert_close(final, final_ref, "kernel_ssd", what=f"ssd_scan final_state (t={t}, chunk={chunk})")
 
 
-@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @settings(max_examples=EXAMPLES)
 @given(data=st.data(), seed=seeds, with_d=st.booleans(), in_place=st.booleans())
-def test_ssd_step_matches_reference(mode, data, seed, with_d, in_place):
+def test_ssd_step_matches_reference(backend, mode, data, seed, with_d, in_place):
     b, p, n = (data.draw(dim(mode, k)) for k in ("batch", "head_dim", "step_state"))
     h, g = data.draw(heads_groups(mode))
-    make, be = arrays(seed), numba_backend()
+    make, be = arrays(seed), get_backend(backend)
     x, dt, A, B, C = ssd_inputs(make, b, 1, h, p, g, n)
     x, dt, B, C = x[:, 0], dt[:, 0], B[:, 0], C[:, 0]
     D, state = maybe(with_d, make(h)), make(b, h, p, n, lo=-3.0, hi=3.0)
@@ -158,10 +146,10 @@ def test_ssd_scan_chunk_boundaries(mode, t, chunk):
     assert_close(final, final_ref, "kernel_ssd", what="ssd_scan final_state")
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_empty_sequence_keeps_the_state(mode):
+@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
+def test_empty_sequence_keeps_the_state(backend, mode):
     """t = 0: no token, the conv and SSM states come back unchanged (launches of zero threads are skipped)."""
-    make, be = arrays(7), numba_backend()
+    make, be = arrays(7), get_backend(backend)
     state = make(2, 5, 4)
     y, new_state = run(be, be.causal_conv1d, make(2, 0, 5), make(5, 4), make(5), state)
     assert y.shape == (2, 0, 5) and np.array_equal(new_state, state)
