@@ -1,8 +1,8 @@
 // kernels_cuda/conv.cu: causal depthwise conv1d (+ SiLU) of the Mamba-2 mixer, prefill and decode step.
 //
 // Reference: nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_conv1d_step
-// Test:      tests/test_backend_cupy_mamba.py::test_causal_conv1d_matches_reference,
-//            tests/test_backend_cupy_mamba.py::test_causal_conv1d_step_matches_reference
+// Test:      tests/test_backend_mamba.py::test_causal_conv1d_matches_reference,
+//            tests/test_backend_mamba.py::test_causal_conv1d_step_matches_reference
 // Tolerance: tests/tolerances.py ("kernel_conv1d", "float32")
 // Launcher:  nemo_scratch/backends/cupy/conv.py (causal_conv1d_cupy, causal_conv1d_step_cupy)
 // Versions:

@@ -1,8 +1,8 @@
 // kernels_cuda/norm.cu: RMSNorm (block pre-norm, final norm) and the gated group RMSNorm of the Mamba mixer.
 //
 // Reference: nemo_scratch.ops.norm.rms_norm, nemo_scratch.ops.norm.gated_rms_norm
-// Test:      tests/test_backend_cupy_mamba.py::test_rms_norm_matches_reference,
-//            tests/test_backend_cupy_mamba.py::test_gated_rms_norm_matches_reference
+// Test:      tests/test_backend_mamba.py::test_rms_norm_matches_reference,
+//            tests/test_backend_mamba.py::test_gated_rms_norm_matches_reference
 // Tolerance: tests/tolerances.py ("kernel_rms_norm", "float32"), ("kernel_gated_rms_norm", "float32")
 // Launcher:  nemo_scratch/backends/cupy/norm.py (rms_norm_cupy, gated_rms_norm_cupy)
 // Versions:

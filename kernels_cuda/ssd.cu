@@ -1,8 +1,8 @@
 // kernels_cuda/ssd.cu: Mamba-2 SSD, the chunked scan for prefill and the single-token state update (decode).
 //
 // Reference: nemo_scratch.ops.ssd.ssd_scan_chunked (prefill), nemo_scratch.ops.ssd.ssd_step (decode)
-// Test:      tests/test_backend_cupy_mamba.py::test_ssd_scan_matches_reference,
-//            tests/test_backend_cupy_mamba.py::test_ssd_step_matches_reference
+// Test:      tests/test_backend_mamba.py::test_ssd_scan_matches_reference,
+//            tests/test_backend_mamba.py::test_ssd_step_matches_reference
 // Tolerance: tests/tolerances.py ("kernel_ssd", "float32"), ("kernel_ssd_step", "float32")
 // Launcher:  nemo_scratch/backends/cupy/ssd.py (ssd_scan_chunked_cupy, ssd_step_cupy)
 // Versions (the prefill is four kernels, one per step of the SSD block decomposition, spec section 3.1):

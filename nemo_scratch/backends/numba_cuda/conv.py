@@ -1,7 +1,7 @@
 """Causal depthwise conv1d (+ SiLU) as Numba-CUDA kernels: over a sequence, and one decode step.
 
 Reference:  nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_conv1d_step
-Test:       tests/test_backend_numba_mamba.py::test_causal_conv1d_*, ::test_causal_conv1d_step_*
+Test:       tests/test_backend_mamba.py::test_causal_conv1d_*, ::test_causal_conv1d_step_*
 Tolerance:  tests/tolerances.py ("kernel_conv1d", float32)
 Versions:
   causal_conv1d_v1_naive       one thread per output y[b, t, c] (consecutive threads = consecutive channels,

@@ -1,7 +1,7 @@
 """RMSNorm and the gated group RMSNorm as one Numba-CUDA kernel family.
 
 Reference:  nemo_scratch.ops.norm.rms_norm, nemo_scratch.ops.norm.gated_rms_norm
-Test:       tests/test_backend_numba_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
+Test:       tests/test_backend_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
 Tolerance:  tests/tolerances.py ("kernel_rms_norm", "kernel_gated_rms_norm", float32)
 Versions:
   rms_norm_v1_naive  one block per (row, group); the threads stride over the group's width, a shared-memory

@@ -1,7 +1,7 @@
 """The Mamba-2 SSD scan (prefill, chunked) and the single-token state update (decode) as Numba-CUDA kernels.
 
 Reference:  nemo_scratch.ops.ssd.ssd_scan_chunked, nemo_scratch.ops.ssd.ssd_step
-Test:       tests/test_backend_numba_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
+Test:       tests/test_backend_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 Versions (the prefill is four kernels, the four steps of the SSD block decomposition, spec 3.1):
   ssd_chunk_cb_v1_naive        cb[b,c,g,l,s] = C_l . B_s inside each chunk (s <= l), one thread per entry;
