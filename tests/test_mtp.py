@@ -174,3 +174,36 @@ def test_mtp_errors():
         model.generate([1, 2], 3, mtp=True)
     with pytest.raises(InputError, match="batch 1"):
         model_for(0).generate([[1, 2], [3, 4]], 3, mtp=True)
+
+
+def test_sampling_mtp_keeps_the_backbone_distribution():
+    """Sampling mode: the token after a speculative round is distributed as the backbone says (rejection rule).
+
+    With draft depth 1 and 3 new tokens, token 2 comes from accepting or correcting the MTP draft (token 1 is
+    the prefill's own sample, token 3 the bonus); conditioned on token 1 its empirical distribution over many
+    seeds must match p(. | prompt, token 1) computed exactly.
+    """
+    from nemo_scratch.model.generate import token_probs
+
+    cfg = preset("tiny")
+    tensors = random_tensors(cfg, seed=1)
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] * 40   # peaky distributions: few tokens carry the mass
+    model = Model(cfg, build_params(cfg, tensors))
+    prompt, temperature, top_p, runs = [7, 3, 9], 1.0, 0.95, 600
+    results = [model.generate(prompt, 3, greedy=False, temperature=temperature, top_p=top_p, seed=s, mtp=True,
+                              draft_depth=1) for s in range(runs)]
+    assert all(r.stats["proposed"] == 1 for r in results)       # one speculative round each
+    samples = [r.ids[0] for r in results]
+    first = np.array([s[0] for s in samples])
+    x1 = int(np.bincount(first).argmax())                      # the most frequent first token
+    second = np.array([s[1] for s in samples if s[0] == x1])
+    p = token_probs(model.forward([prompt + [x1]])[:, -1], temperature, top_p)[0]
+    empirical = np.bincount(second, minlength=p.size) / second.size
+    tv = 0.5 * np.abs(empirical - p).sum()
+    # an exact sampler's expected total-variation distance from n draws is below sqrt(support / n) / 2
+    support = int((p > 0).sum())
+    assert second.size >= 200, second.size
+    assert tv < 0.6 * np.sqrt(support / second.size), (tv, support, second.size)
+    # both branches of the rule ran: drafts accepted, and drafts rejected then resampled from max(p - q, 0)
+    accepted = sum(r.stats["accepted"] for r in results)
+    assert 0 < accepted < runs, accepted
