@@ -194,7 +194,9 @@ def test_nvfp4_and_fp8_round_trip(tmp_path, tiny_tensors):
                         rng.integers(0, 0x7F, (out, cols // 16), dtype=np.uint8), np.float32(0.01), np.float32(0.5))
     fp8 = FP8Weight(rng.integers(0, 256, tensors[fp8_name].shape, dtype=np.uint8), np.array([0.02], np.float32))
     tensors[nvfp4_name], tensors[fp8_name] = nvfp4, fp8
-    quant = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "MIXED_PRECISION"}}
+    quant = {"producer": {"name": "modelopt"}, "quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {
+        nvfp4_name.removesuffix(".weight"): {"quant_algo": "NVFP4", "group_size": 16},
+        fp8_name.removesuffix(".weight"): {"quant_algo": "FP8"}}}}
     write_checkpoint(tmp_path / "q", TINY, tensors, quant_config=quant)
     r = open_checkpoint(tmp_path / "q")
     base = nvfp4_name[:-len("weight")]

@@ -95,3 +95,23 @@ def test_quantize_refuses_packed_source(src, tmp_path):
     quantize_checkpoint(src, tmp_path / "q", "nano")
     with pytest.raises(CheckpointError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", tmp_path / "qq", "nano")
+
+
+def test_quant_config_must_match_the_stored_formats(src, tmp_path):
+    """A module the quantization config declares NVFP4 but the file stores in BF16 (or the reverse) is an error
+    that names the tensor and the config file."""
+    dst = tmp_path / "ultra"
+    quantize_checkpoint(src, dst, "ultra")
+    path = dst / "hf_quant_config.json"
+    cfg = json.loads(path.read_text())
+    layers = cfg["quantization"]["quantized_layers"]
+    del layers["backbone.layers.0.mixer.in_proj"]                       # stored FP8, now declared BF16
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"backbone.layers.0.mixer.in_proj.weight.*stored as FP8.*"
+                                              r"hf_quant_config.json declares BF16"):
+        nemo_scratch.load(dst)
+    layers["backbone.layers.0.mixer.in_proj"] = {"quant_algo": "FP8"}
+    layers["backbone.layers.1.mixer.q_proj"] = {"quant_algo": "NVFP4", "group_size": 16}   # stored BF16
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"q_proj.weight.*stored as BF16.*declares NVFP4"):
+        nemo_scratch.load(dst)

@@ -208,6 +208,7 @@ def load_tensors(path, dtype="float32"):
     cfg = reader.config
     weights, companions, ignored = _split_companions(reader, logical_view(reader))
     formats = {name: _detect_format(reader, name, ref, companions.get(name, {})) for name, ref in weights.items()}
+    _check_quant_config(reader, formats, weights)
     shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights.items()}
     config_name = str(reader.directory / CONFIG)
     include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights[name]), reader.source,
@@ -230,6 +231,23 @@ def load_tensors(path, dtype="float32"):
     info = {"path": str(reader.directory), "files": list(reader.files), "mtp": include_mtp, "formats": formats,
             "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes}
     return cfg, tensors, info
+
+
+def _check_quant_config(reader, formats, weights):
+    """Every weight must be stored in the format the ModelOpt quantization config declares for its module
+    (hf_quant_config.json, or config.json's quantization_config; both forms, see checkpoint/modelopt.py)."""
+    if reader.quant_config is None:
+        return
+    from .modelopt import parse_quant_config
+
+    source = str(reader.directory / (QUANT_CONFIG if (reader.directory / QUANT_CONFIG).is_file() else CONFIG))
+    declared_formats = parse_quant_config(reader.quant_config, source=source)
+    for name, fmt in formats.items():
+        stored = fmt if fmt in ("nvfp4", "fp8") else "bf16"
+        declared = declared_formats.format_of(name)
+        if stored != declared:
+            raise CheckpointError(f"{_where(reader, name, weights[name])} is stored as {stored.upper()}, but "
+                                  f"{source} declares {declared.upper()} for module {name.removesuffix('.weight')!r}")
 
 
 def logical_view(reader) -> dict:
