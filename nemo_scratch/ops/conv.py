@@ -31,22 +31,29 @@ def _check_weights(name, weight, bias, c):
     return weight.shape[1]
 
 
+def check_conv(name, x, weight, bias, state, activation):  # -> (dtype, b, t, c, w)
+    """The argument rules of the sequence conv (shared with the GPU backends' launchers)."""
+    _activation(name, activation)
+    dtype = check_float(name, x, weight, bias, state)
+    check_shape(name, "x", x, (None, None, None))
+    b, t, c = x.shape
+    w = _check_weights(name, weight, bias, c)
+    if state is not None:
+        check_shape(name, "state", state, (b, c, w))
+    return dtype, b, t, c, w
+
+
 def causal_conv1d(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
     """Causal depthwise conv over the sequence -> (y [b,t,c], new_state [b,c,w]).
 
     ``state`` (the cache's conv_state) supplies its last w-1 columns as left context; None means zeros
     (spec 3.1: x[<0] = 0). new_state holds the last w raw inputs, left zero-padded when t < w.
     """
-    name = "causal_conv1d"
-    act = _activation(name, activation)
-    dtype = check_float(name, x, weight, bias, state)
-    check_shape(name, "x", x, (None, None, None))
-    b, t, c = x.shape
-    w = _check_weights(name, weight, bias, c)
+    act = _activation("causal_conv1d", activation)
+    dtype, b, t, c, w = check_conv("causal_conv1d", x, weight, bias, state, activation)
     xp = get_xp(x, weight, bias, state)
     if state is None:
         state = xp.zeros((b, c, w), dtype=dtype)
-    check_shape(name, "state", state, (b, c, w))
     # full = concat(state, x^T) along time: [b, c, w + t], oldest first
     full = xp.concatenate([state, xp.swapaxes(x, 1, 2)], axis=2)
     # xpad = concat(state[:, :, 1:], x^T): the w-1 columns of left context, then the sequence

@@ -9,6 +9,8 @@ the new state: None allocates it (the input state is left untouched, as in the r
 is the in-place update of a decode loop.
 """
 
+import numpy as np
+
 from ...ops import conv as conv_ref
 from ...ops.common import check_shape
 from .loader import device_f32, get_kernel, i32, is_float32, launch_1d, state_buffer
@@ -23,15 +25,9 @@ KERNELS = {
 
 def causal_conv1d_cupy(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
     """-> (y [b,t,c], new_state [b,c,w])."""
-    name = "causal_conv1d"
-    conv_ref._activation(name, activation)  # InputError unless "silu" or None
-    if not is_float32(name, x, weight, bias, state):
+    dtype, b, t, c, w = conv_ref.check_conv("causal_conv1d", x, weight, bias, state, activation)
+    if dtype != np.float32:
         return conv_ref.causal_conv1d(x, weight, bias, state, activation)
-    check_shape(name, "x", x, (None, None, None))
-    b, t, c = x.shape
-    w = conv_ref._check_weights(name, weight, bias, c)
-    if state is not None:
-        check_shape(name, "state", state, (b, c, w))
     import cupy as xp
 
     x, weight, bias, state = device_f32(xp, x, weight, bias, state)

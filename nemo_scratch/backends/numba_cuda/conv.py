@@ -71,16 +71,9 @@ def causal_conv1d_step_v1_naive(x, state, weight, bias, y, new_state, apply_silu
 
 def causal_conv1d_numba(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
     """Same contract as nemo_scratch.ops.conv.causal_conv1d -> (y [b,t,c], new_state [b,c,w])."""
-    name = "causal_conv1d"
-    conv_ref._activation(name, activation)
-    dtype = check_float(name, x, weight, bias, state)
+    dtype, b, t, c, w = conv_ref.check_conv("causal_conv1d", x, weight, bias, state, activation)
     if dtype != np.float32:
         return conv_ref.causal_conv1d(x, weight, bias, state, activation)
-    check_shape(name, "x", x, (None, None, None))
-    b, t, c = x.shape
-    w = conv_ref._check_weights(name, weight, bias, c)
-    if state is not None:
-        check_shape(name, "state", state, (b, c, w))
     xp = get_xp(x, weight, bias, state)
     x, weight = contiguous(xp, x, weight)
     bias = zeros_if_none(xp, bias, (c,))
