@@ -92,8 +92,10 @@ BACKEND_MODES = [pytest.param("numba", "sim", marks=[pytest.mark.sim, requires_s
 
 
 def run(be, op, *args, **kwargs):
-    """Move numpy array arguments to the backend, run ``op``, bring every output back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, np.ndarray) else a  # noqa: E731
+    """Move numpy arrays and packed weights to the backend, run ``op``, bring every output back to numpy."""
+    from nemo_scratch.ops.quant import FP8Weight, NVFP4Weight
+
+    move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, NVFP4Weight, FP8Weight)) else a  # noqa: E731
     out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
     return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
 

@@ -15,7 +15,7 @@ Without a GPU the ``gpu`` tests skip with the reason "no CUDA GPU"; the argument
 import gpu_harness  # noqa: F401  (first: turns the numba simulator on before anything imports numba)
 import numpy as np
 import pytest
-from gpu_harness import arrays, crossing, requires_cupy, seeds
+from gpu_harness import arrays, crossing, requires_cupy, run, seeds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
@@ -26,7 +26,7 @@ from nemo_scratch.backends.cupy import moe as moe_cupy
 from nemo_scratch.backends.cupy import quant as quant_cupy
 from nemo_scratch.errors import DtypeError, InputError, ShapeError
 from nemo_scratch.ops import attention, linear, moe, quant
-from nemo_scratch.ops.quant import FP8Weight, NVFP4Weight
+from nemo_scratch.ops.quant import NVFP4Weight
 
 EXAMPLES = 25
 gpu = [pytest.mark.gpu, requires_cupy]
@@ -35,12 +35,6 @@ gpu = [pytest.mark.gpu, requires_cupy]
 def backend():
     return get_backend("cupy")
 
-
-def run(be, op, *args, **kwargs):
-    """Move array and packed-weight arguments to the device, run ``op``, bring the outputs back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, np.generic, NVFP4Weight, FP8Weight)) else a  # noqa: E731
-    out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
-    return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
 
 
 def assert_bits_equal(got, ref, what):

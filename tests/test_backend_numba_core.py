@@ -21,7 +21,7 @@ import textwrap
 import ml_dtypes
 import numpy as np
 import pytest
-from gpu_harness import EXAMPLES, MODES, arrays, crossing, numba_backend, seeds
+from gpu_harness import EXAMPLES, MODES, arrays, crossing, numba_backend, run, seeds
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import assert_close
@@ -31,14 +31,7 @@ from nemo_scratch.backends.numba_cuda import moe as moe_k
 from nemo_scratch.backends.numba_cuda import quant as quant_k
 from nemo_scratch.errors import DtypeError, InputError, ShapeError
 from nemo_scratch.ops import attention, moe, quant
-from nemo_scratch.ops.quant import FP8Weight, NVFP4Weight
 
-
-def run(be, op, *args, **kwargs):
-    """Move numpy arrays (and packed weights) to the backend, run ``op``, bring every output back to numpy."""
-    move = lambda a: be.asarray(a) if isinstance(a, (np.ndarray, NVFP4Weight, FP8Weight)) else a  # noqa: E731
-    out = op(*map(move, args), **{k: move(v) for k, v in kwargs.items()})
-    return tuple(be.to_numpy(o) for o in out) if isinstance(out, tuple) else be.to_numpy(out)
 
 
 def sizes(mode, sim, gpu):

@@ -19,10 +19,10 @@ import cuda_emu
 import gpu_harness
 import numpy as np
 import pytest
-from gpu_harness import arrays, crossing, maybe, seeds, ssd_inputs
+from gpu_harness import arrays, crossing, maybe, run, seeds, ssd_inputs
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from test_backend_cupy_core import assert_bits_equal, assert_same_selection, distinct_experts, dyadic, expert_stack, run
+from test_backend_cupy_core import assert_bits_equal, assert_same_selection, distinct_experts, dyadic, expert_stack
 from test_backend_model import checkpoint  # noqa: F401  (fixture: random tiny checkpoint, BF16 and "ultra")
 from tolerances import assert_close
 

@@ -51,19 +51,25 @@ def rms_norm(x, weight, eps):  # [..., d], [d] -> [..., d]
     return weight * x_hat.astype(x.dtype, copy=False)
 
 
+def check_gated_norm(name, y, z, weight, n_groups):  # -> (dtype, i)
+    """The argument rules of the gated group norm (shared with the GPU backends' launchers)."""
+    dtype = check_float(name, y, z, weight)
+    i = _last_dim(name, "y", y)
+    check_shape(name, "z", z, tuple(y.shape))
+    check_shape(name, "weight", weight, (i,))
+    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
+        raise ShapeError(f"{name}: n_groups={n_groups!r} must be a positive integer that divides the width "
+                         f"i={i} of y")
+    return dtype, i
+
+
 def gated_rms_norm(y, z, weight, n_groups, eps):  # [..., i], [..., i], [i] -> [..., i]
     """The Mamba-2 output norm (Zamba2RMSNormGated, norm_before_gate=False, spec 3.2 and pitfall 4).
 
     The gate multiplies FIRST; then each of ``n_groups`` contiguous groups of i/n_groups channels is
     RMS-normalised on its own; then the weight multiplies.
     """
-    dtype = check_float("gated_rms_norm", y, z, weight)
-    i = _last_dim("gated_rms_norm", "y", y)
-    check_shape("gated_rms_norm", "z", z, tuple(y.shape))
-    check_shape("gated_rms_norm", "weight", weight, (i,))
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
-        raise ShapeError(f"gated_rms_norm: n_groups={n_groups!r} must be a positive integer that divides the "
-                         f"width i={i} of y")
+    dtype, i = check_gated_norm("gated_rms_norm", y, z, weight, n_groups)
     xp = get_xp(y, z, weight)
     eps = dtype.type(eps)
     # g = y * silu(z)                                   (gate before the norm)

@@ -11,7 +11,6 @@ import math
 
 import numpy as np
 
-from ...errors import ShapeError
 from ...ops import norm as norm_ref
 from ...ops.common import check_shape
 from .loader import THREADS, cdiv, device_f32, f32, get_kernel, i32, i64, is_float32
@@ -45,15 +44,9 @@ def rms_norm_cupy(x, weight, eps):  # [..., d], [d] -> [..., d]
 
 
 def gated_rms_norm_cupy(y, z, weight, n_groups, eps):  # [..., i], [..., i], [i] -> [..., i]
-    name = "gated_rms_norm"
-    if not is_float32(name, y, z, weight):
+    dtype, i = norm_ref.check_gated_norm("gated_rms_norm", y, z, weight, n_groups)
+    if dtype != np.float32:
         return norm_ref.gated_rms_norm(y, z, weight, n_groups, eps)
-    i = norm_ref._last_dim(name, "y", y)
-    check_shape(name, "z", z, tuple(y.shape))
-    check_shape(name, "weight", weight, (i,))
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
-        raise ShapeError(f"{name}: n_groups={n_groups!r} must be a positive integer that divides the width "
-                         f"i={i} of y")
     rows = math.prod(y.shape[:-1])
     group_size = i // n_groups
     import cupy as xp

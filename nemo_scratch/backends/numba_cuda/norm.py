@@ -19,7 +19,6 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ...errors import ShapeError
 from ...ops import norm as norm_ref
 from ...ops.common import check_float, check_shape, get_xp
 from .runtime import JIT, MAX_REDUCE_THREADS, block_sum, contiguous, launch_rows, silu
@@ -74,14 +73,7 @@ def rms_norm_numba(x, weight, eps):  # [..., d], [d] -> [..., d]
 
 def gated_rms_norm_numba(y, z, weight, n_groups, eps):  # [..., i], [..., i], [i] -> [..., i]
     """Same contract as nemo_scratch.ops.norm.gated_rms_norm."""
-    name = "gated_rms_norm"
-    dtype = check_float(name, y, z, weight)
+    dtype, _ = norm_ref.check_gated_norm("gated_rms_norm", y, z, weight, n_groups)
     if dtype != np.float32:
         return norm_ref.gated_rms_norm(y, z, weight, n_groups, eps)
-    i = norm_ref._last_dim(name, "y", y)
-    check_shape(name, "z", z, tuple(y.shape))
-    check_shape(name, "weight", weight, (i,))
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
-        raise ShapeError(f"{name}: n_groups={n_groups!r} must be a positive integer that divides the width i={i} "
-                         "of y")
     return _launch(y, z, weight, int(n_groups), eps)
