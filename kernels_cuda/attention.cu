@@ -6,13 +6,13 @@
 // Tolerance: tests/tolerances.py ("kernel_attention", "float32")
 // Launcher:  nemo_scratch/backends/cupy/attention.py (gqa_attention_cupy, gqa_decode_cupy)
 // Versions:
-//   gqa_attention_v1_tiled  one block = ATT_ROWS (query, head) rows of one (batch, kv head); each K/V tile of
+//   gqa_attention_v2_warp_per_row  one block = ATT_ROWS (query, head) rows of one (batch, kv head); each K/V tile of
 //                           ATT_TILE keys is staged in shared memory once and used by every query head of the
 //                           group (the GQA saving); each warp keeps a running max m, sum l and unnormalised
 //                           output acc per row and rescales them tile by tile (flash-attention online softmax).
-//   gqa_decode_v1_splitk    the same inner loop over one slice of the keys per block (split-K over the cache,
+//   gqa_decode_v2_splitk_warp_per_row    the same inner loop over one slice of the keys per block (split-K over the cache,
 //                           so a single decode token still fills the GPU); writes the partial (m, l, acc).
-//   gqa_decode_v1_merge     combines the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+//   gqa_split_merge_v2_warp_per_row     combines the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math (expf is the accurate one).
 //
 // Layout (row-major, float32, contiguous): q [b,t,nq,dh], k/v [b,s,nkv,dh], out [b,t,nq,dh].
@@ -130,7 +130,7 @@ __device__ void att_attend_keys(const float* __restrict__ q, const float* __rest
 
 // Prefill: grid (ceil(t * group / ATT_ROWS), nkv, b), block ATT_WARPS * 32, smem att_smem_floats(dh) floats.
 // out = softmax(q k^T * dh^-0.5 + causal mask) v, i.e. acc / l once every key has been seen.
-extern "C" __global__ void gqa_attention_v1_tiled(const float* __restrict__ q, const float* __restrict__ k,
+extern "C" __global__ void gqa_attention_v2_warp_per_row(const float* __restrict__ q, const float* __restrict__ k,
                                                   const float* __restrict__ v, float* __restrict__ out,
                                                   int t, int s, int nq, int nkv, int dh, int causal,
                                                   float scale) {
@@ -158,7 +158,7 @@ extern "C" __global__ void gqa_attention_v1_tiled(const float* __restrict__ q, c
 // [sp * keys_per_split, min(s, (sp + 1) * keys_per_split)). Partials, indexed by the output row
 // row_btq = (bb * t + i) * nq + hq:  m_part/l_part [b*t*nq, n_split], acc_part [b*t*nq, n_split, dh].
 // A split that sees no key of a row (causal) leaves m = -inf, l = 0, acc = 0: it weighs nothing in the merge.
-extern "C" __global__ void gqa_decode_v1_splitk(const float* __restrict__ q, const float* __restrict__ k,
+extern "C" __global__ void gqa_decode_v2_splitk_warp_per_row(const float* __restrict__ q, const float* __restrict__ k,
                                                 const float* __restrict__ v, float* __restrict__ m_part,
                                                 float* __restrict__ l_part, float* __restrict__ acc_part,
                                                 int t, int s, int nq, int nkv, int dh, int causal, float scale,
@@ -191,7 +191,7 @@ extern "C" __global__ void gqa_decode_v1_splitk(const float* __restrict__ q, con
 
 // Decode, pass 2: one warp per output row (grid ceil(n_out_rows / 4), block 128).
 // M = max_s m_s;  out[d] = sum_s e^(m_s - M) acc_s[d] / sum_s e^(m_s - M) l_s.
-extern "C" __global__ void gqa_decode_v1_merge(const float* __restrict__ m_part, const float* __restrict__ l_part,
+extern "C" __global__ void gqa_split_merge_v2_warp_per_row(const float* __restrict__ m_part, const float* __restrict__ l_part,
                                                const float* __restrict__ acc_part, float* __restrict__ out,
                                                long long n_out_rows, int n_split, int dh) {
     const int lane = threadIdx.x & 31;

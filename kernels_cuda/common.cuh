@@ -18,8 +18,9 @@
 // ---------------------------------------------------------------------------------------------------
 // Activations
 
-// silu(x) = x * sigmoid(x), with sigmoid through e = exp(-|x|) <= 1 so nothing overflows, exactly as
-// nemo_scratch.ops.norm.sigmoid: sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0.
+// silu(x) = x * sigmoid(x), with sigmoid through e = exp(-|x|) <= 1 so nothing overflows:
+// sigmoid(x) = 1 / (1 + e) for x >= 0, e / (1 + e) for x < 0. nemo_scratch.ops.norm.sigmoid computes
+// 1 / (1 + exp(-x)) and lets exp overflow to inf; the two reach the same limits and agree within a few ulp.
 // (expf, not __expf: no fast-math anywhere.)
 __device__ __forceinline__ float silu_f32(float x) {
     const float e = expf(-fabsf(x));

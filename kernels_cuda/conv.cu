@@ -6,11 +6,11 @@
 // Tolerance: tests/tolerances.py ("kernel_conv1d", "float32")
 // Launcher:  nemo_scratch/backends/cupy/conv.py (causal_conv1d_cupy, causal_conv1d_step_cupy)
 // Versions:
-//   causal_conv1d_v1_naive        one thread per output (b, t, c); c is the fastest index, so a warp
+//   causal_conv1d_v1_thread_per_output        one thread per output (b, t, c); c is the fastest index, so a warp
 //                                 reads 32 neighbouring channels of one time step (coalesced); the w
 //                                 reads of neighbouring t hit L1/L2.
-//   causal_conv1d_state_v1_naive  one thread per new_state entry (b, c, k).
-//   causal_conv1d_step_v1_naive   one thread per (b, c): roll its state row left by one, write x last
+//   causal_conv1d_state_v1_thread_per_entry  one thread per new_state entry (b, c, k).
+//   causal_conv1d_step_v1_thread_per_row   one thread per (b, c): roll its state row left by one, write x last
 //                                 (into new_state, which may be the state itself), convolve.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 //
@@ -19,7 +19,7 @@
 #include "common.cuh"
 
 // y[b,t,c] = act(bias[c] + sum_j weight[c,j] * xpad[b, t+j, c]),  xpad = concat(state[b,c,1:], x[b,:,c])
-extern "C" __global__ void causal_conv1d_v1_naive(
+extern "C" __global__ void causal_conv1d_v1_thread_per_output(
     const float* __restrict__ x, const float* __restrict__ weight, const float* __restrict__ bias,
     const float* __restrict__ state, float* __restrict__ y,
     int n_batch, int n_time, int n_chan, int width, int apply_silu) {
@@ -50,7 +50,7 @@ extern "C" __global__ void causal_conv1d_v1_naive(
 }
 
 // new_state[b,c,k] = concat(state[b,c,:] or zeros, x[b,:,c])[t + k]   (the last w of the w + t columns)
-extern "C" __global__ void causal_conv1d_state_v1_naive(
+extern "C" __global__ void causal_conv1d_state_v1_thread_per_entry(
     const float* __restrict__ x, const float* __restrict__ state, float* __restrict__ new_state,
     int n_batch, int n_time, int n_chan, int width) {
     const long long n_out = (long long)n_batch * n_chan * width;
@@ -74,7 +74,7 @@ extern "C" __global__ void causal_conv1d_state_v1_naive(
 //   new_state[b,c,:] = concat(state[b,c,1:], x[b,c]);  y[b,c] = act(bias[c] + sum_j weight[c,j] * new_state[b,c,j])
 // new_state may be state itself (an in-place update): the thread reads column j+1 before it writes column j,
 // so neither pointer is __restrict__.
-extern "C" __global__ void causal_conv1d_step_v1_naive(
+extern "C" __global__ void causal_conv1d_step_v1_thread_per_row(
     const float* __restrict__ x, const float* state, const float* __restrict__ weight,
     const float* __restrict__ bias, float* new_state, float* __restrict__ y,
     int n_batch, int n_chan, int width, int apply_silu) {

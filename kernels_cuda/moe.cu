@@ -6,19 +6,19 @@
 //            excepted), ("kernel_moe", "float32")
 // Launcher:  nemo_scratch/backends/cupy/moe.py (route_cupy, moe_experts_cupy)
 // Versions:
-//   route_v1_block        one block per ROUTER_TOKENS tokens: the float32 logits (one warp per expert, every
+//   route_v2_warp_argmax        one block per ROUTER_TOKENS tokens: the float32 logits (one warp per expert, every
 //                         gate row read once for all the block's tokens), sigmoid, the biased group-limited
 //                         top-k by repeated warp argmax (ties -> lower index), normalisation and scaling.
-//                         For a single decode token the gate matrix is read by one block; a v2 would split
+//                         For a single decode token the gate matrix is read by one block; a v3 would split
 //                         the logits over blocks.
-//   moe_count_v1, moe_offsets_v1, moe_permute_v1
+//   moe_count_v1_atomics, moe_offsets_v1_one_thread, moe_scatter_v1_atomics
 //                         dispatch: tokens per expert (atomics), exclusive prefix sums (one thread: e is at
 //                         most a few hundred), and the (token, slot) pairs placed expert by expert.
 //   moe_matmul_{dense,nvfp4,fp8}_v1
 //                         grouped expert matmul: one block = MOE_ROWS rows of ONE expert x MOE_WARPS output
 //                         columns (one warp per column, warp_rows_dot of common.cuh decodes the packed weight
 //                         in registers); used for up (rows gathered from x, squared ReLU) and down (rows of h).
-//   moe_combine_v1        out[t] = sum_j w[t, j] * y[pos(t, j)] in float32, in slot order: deterministic
+//   moe_combine_v1_thread_per_output        out[t] = sum_j w[t, j] * y[pos(t, j)] in float32, in slot order: deterministic
 //                         (no float atomics), whatever order the pairs were placed in.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 
@@ -59,7 +59,8 @@ __device__ __forceinline__ void warp_best(const float* scores, const unsigned ch
     warp_argmax(v, i);
 }
 
-// sigma(x) = 1/(1+e^-x) for x >= 0, e^x/(1+e^x) for x < 0, both with e = e^-|x| (as ops.norm.sigmoid)
+// sigma(x) = 1/(1+e^-x) for x >= 0, e^x/(1+e^x) for x < 0, both with e = e^-|x| (no overflow; within a few
+// ulp of ops.norm.sigmoid, which lets exp(-x) overflow to inf for the same limits)
 __device__ __forceinline__ float sigmoid_f32(float x) {
     const float e = expf(-fabsf(x));
     return x >= 0.0f ? 1.0f / (1.0f + e) : e / (1.0f + e);
@@ -68,7 +69,7 @@ __device__ __forceinline__ float sigmoid_f32(float x) {
 // grid ceil(t / ROUTER_TOKENS), any multiple of 32 threads >= 32 * ROUTER_TOKENS (the launcher uses 512),
 // dynamic smem ROUTER_TOKENS * (4 * (2 * e + n_group) + e + n_group) bytes.
 // x [t, d], gate [e, d], bias [e] (zeros when the model has none) -> idx [t, k] int64, w [t, k].
-extern "C" __global__ void route_v1_block(
+extern "C" __global__ void route_v2_warp_argmax(
     const float* __restrict__ x, const float* __restrict__ gate, const float* __restrict__ bias,
     long long* __restrict__ idx, float* __restrict__ w, int t, int d, int e, int top_k, int n_group,
     int topk_group, int norm_topk_prob, float routed_scaling_factor) {
@@ -173,7 +174,7 @@ extern "C" __global__ void route_v1_block(
 // Dispatch: pair p = t * k + j (token t, slot j) goes to expert idx[p]; experts' pairs are contiguous.
 
 // counts[ex] = #{p : idx[p] == ex}       (counts zeroed by the launcher)
-extern "C" __global__ void moe_count_v1(const long long* __restrict__ idx, int* __restrict__ counts,
+extern "C" __global__ void moe_count_v1_atomics(const long long* __restrict__ idx, int* __restrict__ counts,
                                         long long n_pairs) {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p < n_pairs) atomicAdd(&counts[idx[p]], 1);
@@ -181,7 +182,7 @@ extern "C" __global__ void moe_count_v1(const long long* __restrict__ idx, int* 
 
 // One thread. offsets[ex] = sum_{ex' < ex} counts[ex'] (e + 1 entries; offsets[e] = n_pairs);
 // tile_offsets likewise over ceil(counts / MOE_ROWS): the grouped matmul's tile -> expert map.
-extern "C" __global__ void moe_offsets_v1(const int* __restrict__ counts, int* __restrict__ offsets,
+extern "C" __global__ void moe_offsets_v1_one_thread(const int* __restrict__ counts, int* __restrict__ offsets,
                                           int* __restrict__ tile_offsets, int e) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     offsets[0] = 0;
@@ -193,7 +194,7 @@ extern "C" __global__ void moe_offsets_v1(const int* __restrict__ counts, int* _
 }
 
 // pos = offsets[ex] + (arrival order within ex); src_token[pos] = t; pair_pos[p] = pos. (fill zeroed)
-extern "C" __global__ void moe_permute_v1(const long long* __restrict__ idx, const int* __restrict__ offsets,
+extern "C" __global__ void moe_scatter_v1_atomics(const long long* __restrict__ idx, const int* __restrict__ offsets,
                                           int* __restrict__ fill, int* __restrict__ src_token,
                                           int* __restrict__ pair_pos, long long n_pairs, int k) {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
@@ -247,7 +248,7 @@ __device__ __forceinline__ void moe_matmul_tile(const Weight& w, const float* __
 }
 
 // W dense float32 [e, n_out, n_in]
-extern "C" __global__ void moe_matmul_dense_v1(
+extern "C" __global__ void moe_matmul_dense_v2_warp_per_column(
     const float* __restrict__ weight, long long n_out, long long n_in, const float* __restrict__ a,
     const int* __restrict__ a_row, int gather, const int* __restrict__ offsets,
     const int* __restrict__ tile_offsets, int e, float* __restrict__ out, int relu2) {
@@ -255,7 +256,7 @@ extern "C" __global__ void moe_matmul_dense_v1(
 }
 
 // W NVFP4: packed [e, n_out, n_in/2], block_scale [e, n_out, n_in/16], global_scale [e]
-extern "C" __global__ void moe_matmul_nvfp4_v1(
+extern "C" __global__ void moe_matmul_nvfp4_v2_warp_per_column(
     const unsigned char* __restrict__ packed, const unsigned char* __restrict__ block_scale,
     const float* __restrict__ global_scale, long long n_out, long long n_in, const float* __restrict__ a,
     const int* __restrict__ a_row, int gather, const int* __restrict__ offsets,
@@ -265,7 +266,7 @@ extern "C" __global__ void moe_matmul_nvfp4_v1(
 }
 
 // W FP8: data [e, n_out, n_in] E4M3FN, scale [e]
-extern "C" __global__ void moe_matmul_fp8_v1(
+extern "C" __global__ void moe_matmul_fp8_v2_warp_per_column(
     const unsigned char* __restrict__ data, const float* __restrict__ scale, long long n_out, long long n_in,
     const float* __restrict__ a, const int* __restrict__ a_row, int gather,
     const int* __restrict__ offsets, const int* __restrict__ tile_offsets, int e, float* __restrict__ out,
@@ -274,7 +275,7 @@ extern "C" __global__ void moe_matmul_fp8_v1(
 }
 
 // out[t, c] = sum_j weights[t, j] * y[pair_pos[t * k + j], c]     (thread per (t, c))
-extern "C" __global__ void moe_combine_v1(const float* __restrict__ y, const int* __restrict__ pair_pos,
+extern "C" __global__ void moe_combine_v1_thread_per_output(const float* __restrict__ y, const int* __restrict__ pair_pos,
                                           const float* __restrict__ weights, float* __restrict__ out,
                                           long long t, int k, int l) {
     const long long x_tc = (long long)blockIdx.x * blockDim.x + threadIdx.x;

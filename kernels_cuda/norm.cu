@@ -6,16 +6,16 @@
 // Tolerance: tests/tolerances.py ("kernel_rms_norm", "float32"), ("kernel_gated_rms_norm", "float32")
 // Launcher:  nemo_scratch/backends/cupy/norm.py (rms_norm_cupy, gated_rms_norm_cupy)
 // Versions:
-//   rms_norm_v1_naive        one block per row of width d: block reduction of x^2, then a second pass
+//   rms_norm_v1_block_per_group        one block per row of width d: block reduction of x^2, then a second pass
 //                            that rescales (the row is re-read from L1/L2).
-//   gated_rms_norm_v1_naive  one block per (row, group) of width i/n_groups: the gate g = y * silu(z)
+//   gated_rms_norm_v1_block_per_group  one block per (row, group) of width i/n_groups: the gate g = y * silu(z)
 //                            is computed in the reduction pass and recomputed in the output pass.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 // Blocks have a multiple of 32 threads (block_sum_f32 needs full warps).
 #include "common.cuh"
 
 // out[r, :] = x[r, :] * rsqrt(mean(x[r, :]^2) + eps) * weight        x, out: [n_rows, d]
-extern "C" __global__ void rms_norm_v1_naive(
+extern "C" __global__ void rms_norm_v1_block_per_group(
     const float* __restrict__ x, const float* __restrict__ weight, float* __restrict__ out,
     long long n_rows, int d, float eps) {
     __shared__ float scratch[32];
@@ -35,7 +35,7 @@ extern "C" __global__ void rms_norm_v1_naive(
 
 // g = y * silu(z); per group of width gs = i / n_groups: out = g * rsqrt(mean(g^2) + eps) * weight
 // y, z, out: [n_rows, i] with i = n_groups * gs; weight: [i]. Block (row, group) = blockIdx.x.
-extern "C" __global__ void gated_rms_norm_v1_naive(
+extern "C" __global__ void gated_rms_norm_v1_block_per_group(
     const float* __restrict__ y, const float* __restrict__ z, const float* __restrict__ weight,
     float* __restrict__ out, long long n_rows, int n_groups, int group_size, float eps) {
     __shared__ float scratch[32];

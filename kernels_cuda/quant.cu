@@ -6,7 +6,7 @@
 // Tolerance: dequantize bit-exact (np.array_equal); matmuls ("kernel_quant_matmul", "float32")
 // Launcher:  nemo_scratch/backends/cupy/quant.py (nvfp4_dequantize_cupy, nvfp4_matmul_cupy, fp8_matmul_cupy)
 // Versions:
-//   nvfp4_dequantize_v1_naive   one thread per packed byte -> two float32 weights:
+//   nvfp4_dequantize_v1_thread_per_byte   one thread per packed byte -> two float32 weights:
 //                               W[2i] = e2m1(low nibble) * e4m3(scale) * global, W[2i+1] likewise (high).
 //   {nvfp4,fp8}_matmul_v1_m{1,4,16}
 //                               y[m, n] = sum_k x[m, k] W[n, k] with W decoded in registers, never in global
@@ -24,7 +24,7 @@ constexpr int MM_WARPS = 8;  // output columns per matmul block (one per warp)
 // One thread per packed byte i of [..., out, in/2]: the byte's 16-element block has scale index i / 8
 // (a row holds in/2 bytes, a multiple of 8), its matrix (leading index) is i / bytes_per_matrix.
 // W = e2m1(code) * e4m3(block_scale) * global_scale, multiplied in that order (as the reference).
-extern "C" __global__ void nvfp4_dequantize_v1_naive(
+extern "C" __global__ void nvfp4_dequantize_v1_thread_per_byte(
     const unsigned char* __restrict__ packed, const unsigned char* __restrict__ block_scale,
     const float* __restrict__ global_scale, float* __restrict__ out, long long n_bytes,
     long long bytes_per_matrix) {
@@ -59,19 +59,19 @@ __device__ __forceinline__ void matmul_rows(const Weight& w, const float* __rest
 
 // NVFP4: packed [n_out, n_in/2] uint8, block_scale [n_out, n_in/16] E4M3FN bits, global_scale [1].
 // Three row-block sizes MB; the launcher picks the smallest that covers M (16 for M > 4, chunked).
-extern "C" __global__ void nvfp4_matmul_v1_m1(
+extern "C" __global__ void nvfp4_matmul_v2_warp_per_column_m1(
     const float* __restrict__ x, const unsigned char* __restrict__ packed,
     const unsigned char* __restrict__ block_scale, const float* __restrict__ global_scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
     matmul_rows<1>(Nvfp4Rows{packed, block_scale, global_scale, n_out, n_in}, x, y, M);
 }
-extern "C" __global__ void nvfp4_matmul_v1_m4(
+extern "C" __global__ void nvfp4_matmul_v2_warp_per_column_m4(
     const float* __restrict__ x, const unsigned char* __restrict__ packed,
     const unsigned char* __restrict__ block_scale, const float* __restrict__ global_scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
     matmul_rows<4>(Nvfp4Rows{packed, block_scale, global_scale, n_out, n_in}, x, y, M);
 }
-extern "C" __global__ void nvfp4_matmul_v1_m16(
+extern "C" __global__ void nvfp4_matmul_v2_warp_per_column_m16(
     const float* __restrict__ x, const unsigned char* __restrict__ packed,
     const unsigned char* __restrict__ block_scale, const float* __restrict__ global_scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
@@ -79,17 +79,17 @@ extern "C" __global__ void nvfp4_matmul_v1_m16(
 }
 
 // FP8: data [n_out, n_in] E4M3FN bits, scale [1]
-extern "C" __global__ void fp8_matmul_v1_m1(
+extern "C" __global__ void fp8_matmul_v2_warp_per_column_m1(
     const float* __restrict__ x, const unsigned char* __restrict__ data, const float* __restrict__ scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
     matmul_rows<1>(Fp8Rows{data, scale, n_out, n_in}, x, y, M);
 }
-extern "C" __global__ void fp8_matmul_v1_m4(
+extern "C" __global__ void fp8_matmul_v2_warp_per_column_m4(
     const float* __restrict__ x, const unsigned char* __restrict__ data, const float* __restrict__ scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
     matmul_rows<4>(Fp8Rows{data, scale, n_out, n_in}, x, y, M);
 }
-extern "C" __global__ void fp8_matmul_v1_m16(
+extern "C" __global__ void fp8_matmul_v2_warp_per_column_m16(
     const float* __restrict__ x, const unsigned char* __restrict__ data, const float* __restrict__ scale,
     float* __restrict__ y, long long M, long long n_out, long long n_in) {
     matmul_rows<16>(Fp8Rows{data, scale, n_out, n_in}, x, y, M);

@@ -6,16 +6,16 @@
 // Tolerance: tests/tolerances.py ("kernel_ssd", "float32"), ("kernel_ssd_step", "float32")
 // Launcher:  nemo_scratch/backends/cupy/ssd.py (ssd_scan_chunked_cupy, ssd_step_cupy)
 // Versions (the prefill is four kernels, one per step of the SSD block decomposition, spec section 3.1):
-//   ssd_chunk_state_v1_naive    step 5: the state each chunk produces from zero, one block per
+//   ssd_chunk_state_v2_block_per_chunk    step 5: the state each chunk produces from zero, one block per
 //                               (head, chunk, batch), one thread per (n, p) output at a time.
-//   ssd_state_passing_v1_naive  step 6: the inter-chunk recurrence, one thread per (b, h, n, p) walking
+//   ssd_state_passing_v1_thread_per_entry  step 6: the inter-chunk recurrence, one thread per (b, h, n, p) walking
 //                               the chunks in order; also writes the final state.
-//   ssd_chunk_cb_v1_naive       step 4's C.B^T, once per (group, chunk, batch) and shared by the h/g
+//   ssd_chunk_cb_v2_block_per_chunk       step 4's C.B^T, once per (group, chunk, batch) and shared by the h/g
 //                               heads of the group (the dot product does not depend on the head).
-//   ssd_chunk_scan_v1_naive     steps 3, 4, 7, 8: y = (CB * L) Xd + exp(Acum) C.state + D x; one
+//   ssd_chunk_scan_v2_smem_tile     steps 3, 4, 7, 8: y = (CB * L) Xd + exp(Acum) C.state + D x; one
 //                               block per (head, chunk, batch), a tile of l_tile rows of the decay-masked
 //                               matrix in shared memory at a time.
-//   ssd_step_v1_naive           decode: one warp per state row (b, h, p); lanes stride over n; the new
+//   ssd_step_v2_warp_per_row           decode: one warp per state row (b, h, p); lanes stride over n; the new
 //                               state may overwrite the old one (in place).
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 inputs, float32 state.
 //
@@ -59,7 +59,7 @@ __device__ void ssd_chunk_cumsum(const float* __restrict__ dt, float A_h, long l
 //   chunk_states[b,ci,hh,n,p] = sum_l B[l,n] * exp(acum[last] - acum[l]) * dt[l] * x[l,p]
 //   chunk_log_decay[b,hh,ci]  = acum[last]
 // Dynamic shared memory: 3 * chunk floats.
-extern "C" __global__ void ssd_chunk_state_v1_naive(
+extern "C" __global__ void ssd_chunk_state_v2_block_per_chunk(
     const float* __restrict__ x, const float* __restrict__ dt, const float* __restrict__ A,
     const float* __restrict__ B, float* __restrict__ chunk_states, float* __restrict__ chunk_log_decay,
     int n_time, int n_heads, int head_dim, int n_groups, int d_state, int chunk) {
@@ -98,7 +98,7 @@ extern "C" __global__ void ssd_chunk_state_v1_naive(
 //                                               s = exp(chunk_log_decay[ci]) * s + (state chunk ci produced)
 //   final_state[b,hh,p,n] = s
 // chunk_states is rewritten in place: each entry is read once, then overwritten by the same thread.
-extern "C" __global__ void ssd_state_passing_v1_naive(
+extern "C" __global__ void ssd_state_passing_v1_thread_per_entry(
     float* __restrict__ chunk_states, const float* __restrict__ chunk_log_decay,
     const float* __restrict__ initial_state, float* __restrict__ final_state,
     int n_batch, int n_chunks, int n_heads, int head_dim, int d_state) {
@@ -123,7 +123,7 @@ extern "C" __global__ void ssd_state_passing_v1_naive(
 
 // Step 4's contraction over n, per (group gg, chunk ci, batch b) = (blockIdx.x, blockIdx.y, blockIdx.z):
 //   cb[b,ci,gg,l,s] = sum_n C[b,t0+l,gg,n] * B[b,t0+s,gg,n]   for s <= l < q_len, else 0
-extern "C" __global__ void ssd_chunk_cb_v1_naive(
+extern "C" __global__ void ssd_chunk_cb_v2_block_per_chunk(
     const float* __restrict__ B, const float* __restrict__ C, float* __restrict__ cb,
     int n_time, int n_groups, int d_state, int chunk) {
     const int gg = blockIdx.x, ci = blockIdx.y;
@@ -152,7 +152,7 @@ extern "C" __global__ void ssd_chunk_cb_v1_naive(
 //   of cumulative sums acum[l] - acum[s] would cancel in float32 when both are large)
 //   y[l,p]  = sum_{s<=l} M[l,s] x[s,p]  +  exp(acum[l]) * sum_n C[l,n] prev[n,p]  +  D[hh] x[l,p]
 // Dynamic shared memory: (2 + l_tile) * chunk floats; rows l0 .. l0+l_tile-1 of M at a time.
-extern "C" __global__ void ssd_chunk_scan_v1_naive(
+extern "C" __global__ void ssd_chunk_scan_v2_smem_tile(
     const float* __restrict__ x, const float* __restrict__ dt, const float* __restrict__ A,
     const float* __restrict__ C, const float* __restrict__ D, const float* __restrict__ chunk_states,
     const float* __restrict__ cb, float* __restrict__ y,
@@ -215,7 +215,7 @@ extern "C" __global__ void ssd_chunk_scan_v1_naive(
 // x, y: [b,h,p] (flat index = row); dt: [b,h]; B, C: [b,g,n]; state, new_state: [b,h,p,n]. new_state may be
 // state itself (an in-place update): each lane reads an element before it writes it, so neither pointer is
 // __restrict__.
-extern "C" __global__ void ssd_step_v1_naive(
+extern "C" __global__ void ssd_step_v2_warp_per_row(
     const float* __restrict__ x, const float* __restrict__ dt, const float* __restrict__ A,
     const float* __restrict__ B, const float* __restrict__ C, const float* __restrict__ D,
     const float* state, float* new_state, float* __restrict__ y,

@@ -19,7 +19,7 @@ from tolerances import assert_close
 
 from nemo_scratch.backends import get_backend
 from nemo_scratch.errors import DtypeError, InputError, ShapeError
-from nemo_scratch.ops import conv, norm, ssd
+from nemo_scratch.ops import conv, norm, ssd, ssd_fast
 
 
 
@@ -191,7 +191,9 @@ def test_float64_runs_the_reference(mode):
         (be.causal_conv1d_step, conv.causal_conv1d_step, "conv1d", (x[:, 0], state, w, f64(6))),
     ]
     xs, dt, A, B, C = (a.astype(np.float64) for a in ssd_inputs(make, 2, 5, 4, 3, 2, 3))
-    cases += [(be.ssd_scan, ssd.ssd_scan_chunked, "ssd", (xs, dt, A, B, C, 2, f64(4), f64(2, 4, 3, 3))),
+    # ssd_scan (the model's prefill scan) falls back to the numpy backend's ssd_scan, the fast twin
+    cases += [(be.ssd_scan, ssd_fast.ssd_scan_chunked_fast, "ssd", (xs, dt, A, B, C, 2, f64(4), f64(2, 4, 3, 3))),
+              (be.ssd_scan_chunked, ssd.ssd_scan_chunked, "ssd", (xs, dt, A, B, C, 2, f64(4), f64(2, 4, 3, 3))),
               (be.ssd_step, ssd.ssd_step, "ssd_step", (xs[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], f64(4),
                                                        f64(2, 4, 3, 3)))]
     for op, ref, key, args in cases:

@@ -349,17 +349,17 @@ COMPILE_SCRIPT = textwrap.dedent("""
     W = {"dense": (A(f32, 3), A(u8, 3), A(f32, 1)), "nvfp4": (A(u8, 3), A(u8, 3), A(f32, 1)),
          "fp8": (A(u8, 3), A(u8, 3), A(f32, 1))}
     kernels = [
-        (qk.minifloat_decode_v1, (A(u8, 1), A(f32, 1), b1)),
+        (qk.minifloat_decode_v1_thread_per_code, (A(u8, 1), A(f32, 1), b1)),
         (qk.nvfp4_dequantize_v1_naive, (A(u8, 3), A(u8, 3), A(f32, 1), A(f32, 3))),
-        *[(qk.matmul_v1_tiled(fmt), (A(f32, 2), A(i64, 1), A(i64, 1), A(i64, 1), *w, A(f32, 2), A(i64, 1), i64))
+        *[(qk.matmul_v1_smem_tile(fmt), (A(f32, 2), A(i64, 1), A(i64, 1), A(i64, 1), *w, A(f32, 2), A(i64, 1), i64))
           for fmt, w in W.items()],
-        *[(qk.matmul_v2_gemv(fmt), (A(f32, 2), *w, A(f32, 2))) for fmt, w in W.items()],
-        *[(at.attention_v1_tiled(cap), (A(f32, 4),) * 5 + (A(f32, 5), i64, i64, b1, b1, f32)) for cap in (4, 128)],
-        (at.attention_merge_v1, (A(f32, 4), A(f32, 4), A(f32, 5), A(f32, 4))),
+        *[(qk.matmul_v2_warp_per_column(fmt), (A(f32, 2), *w, A(f32, 2))) for fmt, w in W.items()],
+        *[(at.gqa_attention_v1_thread_per_row(cap), (A(f32, 4),) * 5 + (A(f32, 5), i64, i64, b1, b1, f32)) for cap in (4, 128)],
+        (at.gqa_split_merge_v1_thread_per_output, (A(f32, 4), A(f32, 4), A(f32, 5), A(f32, 4))),
         (mo.route_v1_block, (A(f32, 2), A(f32, 2), A(f32, 1), A(i64, 2), A(f32, 2), i64, i64, i64, i64, b1, f32)),
         (mo.moe_count_v1, (A(i64, 1), A(i32, 1))),
         (mo.moe_offsets_v1, (A(i32, 1), A(i64, 1))),
-        (mo.moe_dispatch_v1, (A(i64, 1), i64, A(i64, 1), A(i32, 1), A(i64, 1), A(i64, 1))),
+        (mo.moe_scatter_v1_atomics, (A(i64, 1), i64, A(i64, 1), A(i32, 1), A(i64, 1), A(i64, 1))),
         (mo.moe_combine_v1, (A(f32, 2), A(f32, 2), A(f32, 2))),
     ]
     for kernel, sig in kernels:

@@ -2,7 +2,7 @@
 
 - docs/oracle.md: the op signature listing equals the reference functions' signatures and covers every
   backend op; every row of the numba and cupy ``KERNELS`` tables names an entry point with the reference's
-  parameters (plus ``out_state``, minus ``rows_per_tile``, as the doc allows); the tolerance table equals
+  parameters (minus ``rows_per_tile``, as the doc allows); the tolerance table equals
   ``TOLERANCES``; the golden-op table equals ``golden.OPS``; the ``bash`` block has one ``nemo-scratch golden``
   command per op and each runs; every ``python`` block runs (in a temporary folder holding those files); the
   ``cpp`` block compiles, passes on a golden file and fails on a tampered one.
@@ -29,13 +29,13 @@ from nemo_scratch.backends import cupy as cupy_backend
 from nemo_scratch.backends import numba_cuda as numba_backend
 from nemo_scratch.backends.numpy_backend import NumpyBackend
 from nemo_scratch.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
-from nemo_scratch.ops import attention, conv, linear, moe, norm, quant, ssd
+from nemo_scratch.ops import attention, conv, linear, moe, norm, quant, ssd, ssd_fast
 
 ROOT = Path(__file__).resolve().parent.parent
 ORACLE = (ROOT / "docs" / "oracle.md").read_text()
 ARCHITECTURE = (ROOT / "docs" / "architecture.md").read_text()
 REFERENCE_MODULES = {"ops/norm.py": norm, "ops/conv.py": conv, "ops/ssd.py": ssd, "ops/attention.py": attention,
-                     "ops/moe.py": moe, "ops/linear.py": linear, "ops/quant.py": quant}
+                     "ops/moe.py": moe, "ops/linear.py": linear, "ops/quant.py": quant, "ops/ssd_fast.py": ssd_fast}
 
 
 def blocks(text, lang):
@@ -112,8 +112,6 @@ def test_kernel_entry_points_take_the_reference_parameters(package, kernels):
         fn = entry_point(package, module, entry)
         got = params("(" + ast.unparse(fn.args) + ")")
         want = params(inspect.signature(getattr(NumpyBackend, op)))
-        if got[-1:] == [("out_state", "None")]:      # the in-place state buffer of the decode steps
-            got = got[:-1]
         if ("rows_per_tile", "128") not in got:      # the reference's tiling knob
             want = [p for p in want if p[0] != "rows_per_tile"]
         assert got == want, f"backends/{package}/{module}.py::{entry} takes {got}, the reference {op} {want}"

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from nemo_scratch.checkpoint.writer import random_tensors
 from nemo_scratch.config import preset
 from nemo_scratch.errors import InputError
+from nemo_scratch.model.cache import KVCache, MambaState
 from nemo_scratch.model.generate import show_speculation
 from nemo_scratch.model.model import Model
 from nemo_scratch.model.weights import build_params
@@ -56,12 +57,18 @@ def _assert_same_state(a, b):
     plain decoding one row, so in_proj outputs (the raw conv inputs) may differ in the last bit."""
     assert a.length == b.length
     for la, lb in zip(a.layers, b.layers):
-        assert sorted(la) == sorted(lb)
-        for key in la:
-            if la[key] is None:
-                assert lb[key] is None
-            else:
-                assert_close(la[key], lb[key], "model_step_vs_forward", np.float32, what=key)
+        assert type(la) is type(lb)
+        if isinstance(la, MambaState):
+            assert not la.recording and not lb.recording
+            pairs = {"conv": (la.conv, lb.conv), "ssm": (la.ssm, lb.ssm)}
+        elif isinstance(la, KVCache):
+            assert la.length == lb.length
+            pairs = {"k": (la.k[:, :la.length], lb.k[:, :lb.length]), "v": (la.v[:, :la.length], lb.v[:, :lb.length])}
+        else:
+            assert la is None and lb is None
+            pairs = {}
+        for key, (x, y) in pairs.items():
+            assert_close(x, y, "model_step_vs_forward", np.float32, what=key)
 
 
 def test_state_after_rejected_draft_equals_never_seen():
@@ -86,16 +93,17 @@ def test_accept_takes_the_recorded_state_exactly():
     model.forward([[1, 2, 3]], cache)
     cache.record()
     model.forward([[10, 11, 12]], cache)
-    mamba = [layer for layer in cache.layers if "ssm_history" in layer]
+    mamba = [layer for layer in cache.layers if isinstance(layer, MambaState) and layer.recording]
     assert mamba, "the tiny preset has Mamba layers"
-    expected = [(layer["conv_history"][1].copy(), layer["ssm_history"][1].copy()) for layer in mamba]
-    kv_len = [layer["k"].shape[1] for layer in cache.layers if layer.get("k") is not None]
+    expected = [(layer.history[1][0].copy(), layer.history[1][1].copy()) for layer in mamba]
+    kv = [layer for layer in cache.layers if isinstance(layer, KVCache)]
+    kv_len = [layer.length for layer in kv]
     cache.accept(2, 3)
     for layer, (conv, ssm) in zip(mamba, expected):
-        np.testing.assert_array_equal(layer["conv"], conv)
-        np.testing.assert_array_equal(layer["ssm"], ssm)
-        assert "record" not in layer and "ssm_history" not in layer
-    assert [layer["k"].shape[1] for layer in cache.layers if layer.get("k") is not None] == [n - 1 for n in kv_len]
+        np.testing.assert_array_equal(layer.conv, conv)
+        np.testing.assert_array_equal(layer.ssm, ssm)
+        assert not layer.recording
+    assert [layer.length for layer in kv] == [n - 1 for n in kv_len]
     assert cache.length == 5
 
 

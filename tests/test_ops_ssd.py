@@ -20,6 +20,7 @@ from tolerances import assert_close
 
 from nemo_scratch.errors import InputError, ShapeError
 from nemo_scratch.ops.ssd import discretize_dt, segsum, ssd_scan_chunked, ssd_scan_sequential, ssd_step
+from nemo_scratch.ops.ssd_fast import ssd_scan_chunked_fast
 
 DTYPES = st.sampled_from(["float32", "float64"])
 
@@ -62,13 +63,27 @@ def test_chunked_equals_sequential_for_every_chunk(seed, b, t, h_per_g, g, p, n,
         assert_close(s, s_ref, "ssd", what=f"final_state, chunk={chunk}")
 
 
+@given(**shapes)
+@example(seed=1, b=2, t=9, h_per_g=3, g=2, p=2, n=3, dtype="float32", with_d=True, with_state=True)
+def test_fast_twin_equals_the_readable_scan(seed, b, t, h_per_g, g, p, n, dtype, with_d, with_state):
+    """ssd_fast.ssd_scan_chunked_fast (batched matmuls, what the numpy backend runs) is the readable scan."""
+    args = make_inputs(seed, b, t, h_per_g, g, p, n, dtype, with_d, with_state)
+    for chunk in range(1, t + 3):
+        y_ref, s_ref = ssd_scan_chunked(chunk=chunk, **args)
+        y, s = ssd_scan_chunked_fast(chunk=chunk, **args)
+        assert y.shape == y_ref.shape and y.dtype == y_ref.dtype and s.dtype == s_ref.dtype
+        assert_close(y, y_ref, "ssd", what=f"y, chunk={chunk}")
+        assert_close(s, s_ref, "ssd", what=f"final_state, chunk={chunk}")
+
+
 def test_real_chunk_size_on_a_longer_sequence():
     """chunk=128 (the real models' size) against t=300: two full chunks and a partial third."""
     args = make_inputs(7, 1, 300, 2, 1, 2, 3, "float32")
     y_ref, s_ref = ssd_scan_sequential(**args)
-    y, s = ssd_scan_chunked(chunk=128, **args)
-    assert_close(y, y_ref, "ssd", what="y")
-    assert_close(s, s_ref, "ssd", what="final_state")
+    for scan in (ssd_scan_chunked, ssd_scan_chunked_fast):
+        y, s = scan(chunk=128, **args)
+        assert_close(y, y_ref, "ssd", what=f"{scan.__name__} y")
+        assert_close(s, s_ref, "ssd", what=f"{scan.__name__} final_state")
 
 
 @given(seed=st.integers(0, 2**16), t=st.integers(2, 10), cut=st.floats(0.0, 1.0), chunk=st.integers(1, 4),
@@ -121,6 +136,7 @@ def test_inputs_are_not_mutated():
     args = make_inputs(5, 1, 5, 1, 1, 2, 2, "float32")
     before = {k: v.copy() for k, v in args.items()}
     ssd_scan_chunked(chunk=2, **args)
+    ssd_scan_chunked_fast(chunk=2, **args)
     ssd_scan_sequential(**args)
     ssd_step(args["x"][:, 0], args["dt"][:, 0], args["A"], args["B"][:, 0], args["C"][:, 0], args["D"],
              args["initial_state"])

@@ -5,11 +5,13 @@ Speculative decoding (``mtp=True``), one round:
    embedding of the newest token, depths 2..K chained on its own hidden;
 2. the backbone verifies them in ONE forward over the K+1 positions [newest, d1..dK] (Mamba layers continue
    from their cached conv/SSM state and record every intermediate state);
-3. the longest prefix that the backbone agrees with is accepted, plus the backbone's own next token; the cache
-   rolls back to the last accepted position (Cache.accept).
-Greedy mode is lossless (the output equals plain greedy decoding). Sampling mode uses the standard rejection
-rule (accept d with probability min(1, p(d)/q(d)), else resample from max(p - q, 0)), so the output
-distribution is the backbone's.
+3. the drafts are accepted or rejected by ONE rule, speculative sampling (Leviathan et al. 2023, Chen et
+   al. 2023): accept draft j with probability min(1, p_j(d_j) / q_j(d_j)) (p the backbone's distribution, q
+   the draft's); at the first rejection the next token is drawn from max(p_j - q_j, 0), renormalised; after
+   all k are accepted, from p_k. The cache rolls back to the last accepted position (Cache.accept).
+The output distribution is exactly the backbone's. Greedy decoding is the temperature-0 limit of the same
+rule: p and q are then one-hot at their argmax, a draft is accepted exactly when it is the backbone's argmax,
+and the next token is the backbone's argmax, so greedy speculative decoding equals plain greedy decoding.
 """
 
 from __future__ import annotations
@@ -35,8 +37,16 @@ class GenerationResult:
 
 
 def token_probs(logits, temperature=1.0, top_p=1.0):  # [b,v] -> [b,v] float64
-    """Softmax at ``temperature`` restricted to the smallest set of tokens whose mass reaches ``top_p``."""
-    z = np.asarray(logits, dtype=np.float64) / temperature
+    """Softmax at ``temperature`` restricted to the smallest set of tokens whose mass reaches ``top_p``.
+
+    temperature 0 is greedy decoding's distribution: all the mass on the argmax (ties -> the lowest id).
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if temperature == 0:
+        probs = np.zeros_like(logits)
+        np.put_along_axis(probs, np.argmax(logits, axis=-1)[..., None], 1.0, axis=-1)
+        return probs
+    z = logits / temperature
     z = z - z.max(axis=-1, keepdims=True)
     probs = np.exp(z)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -52,19 +62,17 @@ def token_probs(logits, temperature=1.0, top_p=1.0):  # [b,v] -> [b,v] float64
     return probs
 
 
-def pick(logits, greedy, rng, temperature, top_p):  # [b,v] -> [b]
-    """Greedy: argmax (ties -> lowest id). Otherwise one sample per row."""
-    if greedy:
-        return np.argmax(logits, axis=-1)
-    probs = token_probs(logits, temperature, top_p)
-    return np.array([rng.choice(probs.shape[-1], p=row) for row in probs])
+def sample(probs, rng):  # [b,v] -> [b] int64
+    """One token per row of ``probs`` (a one-hot row always gives its token)."""
+    return np.array([rng.choice(row.size, p=row) for row in probs], dtype=np.int64)
 
 
 def _check_args(model, max_new_tokens, temperature, top_p, mtp, draft_depth, batch):
     if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
     if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature!r}")
+        raise InputError(f"temperature must be > 0 for sampling (greedy=False), got {temperature!r}; "
+                         "greedy=True is temperature 0")
     if not 0 < top_p <= 1:
         raise InputError(f"top_p must be in (0, 1], got {top_p!r}")
     if mtp:
@@ -81,27 +89,29 @@ def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0
              draft_depth=1, stop_at_eos=False, on_token=None):
     """Generate after ``ids`` ([t] or [b, t]). ``on_token(list_of_new_ids)`` is called as tokens arrive."""
     prompt = model.check_ids(ids)
-    _check_args(model, max_new_tokens, temperature, top_p, mtp, draft_depth, prompt.shape[0])
+    _check_args(model, max_new_tokens, 1.0 if greedy else temperature, top_p, mtp, draft_depth, prompt.shape[0])
+    # the next-token distribution of every step: greedy is temperature 0 (one-hot at the argmax)
+    dist = (lambda logits: token_probs(logits, 0.0)) if greedy else (
+        lambda logits: token_probs(logits, temperature, top_p))
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     if mtp:
-        out, prefill_s, stats = _speculative(model, prompt, max_new_tokens, greedy, rng, temperature, top_p,
-                                             draft_depth, stop_at_eos, on_token)
+        out, prefill_s, stats = _speculative(model, prompt, max_new_tokens, dist, rng, draft_depth, stop_at_eos,
+                                             on_token)
     else:
-        out, prefill_s, stats = _plain(model, prompt, max_new_tokens, greedy, rng, temperature, top_p,
-                                       stop_at_eos, on_token)
+        out, prefill_s, stats = _plain(model, prompt, max_new_tokens, dist, rng, stop_at_eos, on_token)
     return GenerationResult(np.asarray(out, dtype=np.int64).reshape(prompt.shape[0], -1),
                             time.perf_counter() - start, prefill_s, stats)
 
 
-def _plain(model, prompt, max_new, greedy, rng, temperature, top_p, stop_at_eos, on_token):
+def _plain(model, prompt, max_new, dist, rng, stop_at_eos, on_token):
     cache = model.new_cache(prompt.shape[0])
     t0 = time.perf_counter()
     logits = model.forward(prompt, cache, last_only=True)[:, -1]                      # [b,v]
     prefill_s = time.perf_counter() - t0
     out = []
     for step in range(max_new):
-        tok = pick(logits, greedy, rng, temperature, top_p)                            # [b]
+        tok = sample(dist(logits), rng)                                                # [b]
         out.append(tok)
         if on_token:
             on_token(tok.tolist())
@@ -111,14 +121,50 @@ def _plain(model, prompt, max_new, greedy, rng, temperature, top_p, stop_at_eos,
     return np.stack(out, axis=1), prefill_s, {"forward_passes": len(out)}
 
 
-def _speculative(model, prompt, max_new, greedy, rng, temperature, top_p, depth, stop_at_eos, on_token):
-    be, head = model.backend, model.mtp
+# ------------------------------------------------------------------------------------------ speculative decoding
+
+def draft(head, mcache, hidden, next_ids, k, dist, rng):  # [1,m,d], [1,m] -> (k drafts, q [k,v])
+    """The MTP head proposes k tokens: depth 1 from the true backbone hiddens (``hidden`` pairs position j
+    with the token at j+1 in ``next_ids``, which brings the head's own KV cache up to date), depths 2..k
+    chained on its own last hidden. The KV entries written from chained hiddens are dropped afterwards."""
+    logits, h = head.step(hidden, next_ids, mcache)
+    committed = mcache.length
+    drafts, q = [], []
+    for j in range(k):
+        q.append(dist(head.be.to_numpy(logits[:, -1]))[0])                            # [v]
+        drafts.append(int(sample(q[-1][None], rng)[0]))
+        if j + 1 < k:
+            logits, h = head.step(h[:, -1:], np.array([[drafts[-1]]]), mcache)
+    mcache.truncate(committed)
+    return drafts, np.array(q)
+
+
+def verify(model, cache, newest, drafts, dist):  # -> (hidden [1,k+1,d], p [k+1,v])
+    """ONE backbone forward over [newest, d_1..d_k] that records every Mamba state; p_j is the backbone's
+    distribution after position j (for the draft d_{j+1}, and p_k for the token after the last draft)."""
+    cache.record()
+    hidden = model.hidden(np.array([[newest] + drafts]), cache)                        # [1,k+1,d]
+    return hidden, dist(model.backend.to_numpy(model.logits(hidden))[0])
+
+
+def accept(drafts, q, p, rng):  # k drafts, q [k,v], p [k+1,v] -> (accepted, next token)
+    """The speculative-sampling rule (module docstring): how many drafts survive, and the token after them."""
+    for j, d in enumerate(drafts):
+        # accept d_j with probability min(1, p_j(d_j) / q_j(d_j))
+        if not rng.random() < min(1.0, p[j, d] / q[j, d]):
+            # rejected: the next token comes from the residual max(p_j - q_j, 0), renormalised
+            resid = np.maximum(p[j] - q[j], 0.0)
+            return j, int(sample((resid / resid.sum() if resid.sum() > 0 else p[j])[None], rng)[0])
+    return len(drafts), int(sample(p[len(drafts)][None], rng)[0])
+
+
+def _speculative(model, prompt, max_new, dist, rng, depth, stop_at_eos, on_token):
+    head = model.mtp
     cache, mcache = model.new_cache(1), head.new_cache(1)
     t0 = time.perf_counter()
     hid = model.hidden(prompt, cache)                                                   # [1,n,d]
-    logits = be.to_numpy(model.logits(hid[:, -1:]))[:, -1]
+    out = [int(sample(dist(model.backend.to_numpy(model.logits(hid[:, -1:]))[:, -1]), rng)[0])]
     prefill_s = time.perf_counter() - t0
-    out = [int(pick(logits, greedy, rng, temperature, top_p)[0])]
     if on_token:
         on_token(out[-1:])
     # MTP stream input: position j pairs the backbone hidden at j with the token at j+1.
@@ -127,51 +173,17 @@ def _speculative(model, prompt, max_new, greedy, rng, temperature, top_p, depth,
              "accepted_per_depth": [0] * depth, "forward_passes": 1, "trace": []}
     while len(out) < max_new and not (stop_at_eos and out[-1] == model.cfg.eos_token_id):
         k = min(depth, max_new - len(out) - 1)
-        # 1. bring the MTP stream up to date with true backbone hiddens, then draft k tokens
-        mlogits, mh = head.step(pend_h, pend_ids, mcache)
-        committed = mcache.length
-        drafts, q_probs = [], []
-        for j in range(k):
-            row = be.to_numpy(mlogits[:, -1])                                           # [1,v]
-            if greedy:
-                drafts.append(int(np.argmax(row[0])))
-            else:
-                q = token_probs(row, temperature, top_p)[0]
-                q_probs.append(q)
-                drafts.append(int(rng.choice(q.size, p=q)))
-            if j + 1 < k:
-                mlogits, mh = head.step(mh[:, -1:], np.array([[drafts[-1]]]), mcache)
-        mcache.truncate(committed)          # draft-time entries used chained hiddens: drop them
-        # 2. verify [newest, d1..dk] with one backbone forward that records every Mamba state
-        cache.record()
-        vh = model.hidden(np.array([[out[-1]] + drafts]), cache)                      # [1,k+1,d]
-        vlogits = be.to_numpy(model.logits(vh))[0]                                      # [k+1,v]
-        stats["forward_passes"] += 1
-        # 3. accept the agreed prefix, then the backbone's own next token
-        accepted, new = 0, []
-        for j in range(k):  # depth j+1 counts as accepted only when every shallower draft was accepted too
-            stats["proposed_per_depth"][j] += 1
-        for j, d in enumerate(drafts):
-            if greedy:
-                ok = int(np.argmax(vlogits[j])) == d
-            else:
-                p = token_probs(vlogits[j:j + 1], temperature, top_p)[0]
-                ok = rng.random() < min(1.0, p[d] / q_probs[j][d])
-            if not ok:
-                break
-            stats["accepted_per_depth"][j] += 1
-            accepted += 1
-            new.append(d)
-        if greedy:
-            new.append(int(np.argmax(vlogits[accepted])))
-        else:
-            p = token_probs(vlogits[accepted:accepted + 1], temperature, top_p)[0]
-            if accepted < k:  # rejected: resample from the residual max(p - q, 0)
-                resid = np.maximum(p - q_probs[accepted], 0.0)
-                p = resid / resid.sum() if resid.sum() > 0 else p
-            new.append(int(rng.choice(p.size, p=p)))
+        drafts, q = draft(head, mcache, pend_h, pend_ids, k, dist, rng)
+        vh, p = verify(model, cache, out[-1], drafts, dist)
+        accepted, nxt = accept(drafts, q, p, rng)
         cache.accept(accepted + 1, k + 1)
-        stats["trace"].append({"drafts": drafts, "accepted": accepted, "next": new[-1]})
+        new = drafts[:accepted] + [nxt]
+        # bookkeeping: depth j+1 counts as accepted only when every shallower draft was accepted too
+        stats["forward_passes"] += 1
+        for j in range(k):
+            stats["proposed_per_depth"][j] += 1
+            stats["accepted_per_depth"][j] += int(j < accepted)
+        stats["trace"].append({"drafts": drafts, "accepted": accepted, "next": nxt})
         stats["rounds"] += 1
         stats["proposed"] += k
         stats["accepted"] += accepted

@@ -8,29 +8,13 @@ subtracted, runs in the compute dtype (float32, or float64 in oracle mode).
 
 import numpy as np
 
-from ..errors import ShapeError
-from .common import check_float, check_shape, get_xp
-
-
-def check_attention(name, q, k, v):  # -> (dtype, b, t, s, nq, nkv, dh)
-    """The argument rules of the attention ops (shared with the GPU backends' launchers)."""
-    dtype = check_float(name, q, k, v)
-    check_shape(name, "q", q, (None, None, None, None))
-    b, t, nq, dh = q.shape
-    check_shape(name, "k", k, (b, None, None, dh))
-    s, nkv = k.shape[1:3]
-    check_shape(name, "v", v, (b, s, nkv, dh))
-    if s < 1 or t > s:
-        raise ShapeError(f"{name}: q has t={t} positions but k has only s={s}; the queries are the last t "
-                         f"of the s key positions, so 1 <= s and t <= s")
-    if nkv < 1 or nq % nkv:
-        raise ShapeError(f"{name}: q has {nq} heads, k has {nkv}; expected the kv heads to divide the q heads")
-    return dtype, b, t, s, nq, nkv, dh
+from .common import get_xp
+from .contracts import check_gqa_attention, check_gqa_decode
 
 
 def gqa_attention(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     """softmax(q k^T * dh**-0.5 + causal mask) v, with the query heads grouped over the kv heads."""
-    dtype, b, t, s, nq, nkv, dh = check_attention("gqa_attention", q, k, v)
+    dtype, b, t, s, nq, nkv, dh = check_gqa_attention(q, k, v, causal)
     xp = get_xp(q, k, v)
     r = nq // nkv
     # [b, kv, r, t, dh]: query head j = gg * r + i (r = q/kv) lands at [gg, i] and reads kv head gg = j // r
@@ -58,4 +42,5 @@ def gqa_decode(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     GPU backends give this op its own split-K kernel (the s keys cut into blocks whose partial softmaxes
     are merged); the reference is the one-shot form.
     """
+    check_gqa_decode(q, k, v)
     return gqa_attention(q, k, v, causal=True)

@@ -25,6 +25,14 @@ def get_xp(*arrays):
     return np
 
 
+def reference_ops():
+    """The reference op namespace (ops/reference.py): the default ``ops=`` of the composite ops (linear, mlp,
+    latent_moe), which a backend replaces with itself to put its kernels underneath."""
+    from . import reference
+
+    return reference
+
+
 def check_float(name, *arrays):
     """Assert every array is float32 or float64 and all share one dtype; return that dtype."""
     dtype = None

@@ -5,42 +5,14 @@ The conv runs on xBC only (pitfall 2), one filter of width w per channel. The mo
 oldest first, exactly the ``conv_state`` transformers keeps in its cache.
 """
 
-from ..errors import InputError, ShapeError
-from .common import check_float, check_shape, get_xp
+from .common import get_xp
+from .contracts import check_causal_conv1d, check_causal_conv1d_step
 from .norm import silu
 
-ACTIVATIONS = ("silu", None)
 
-
-def _activation(name, activation):
+def _activation(activation):
     """The conv activation as a function: ``"silu"`` (mamba_hidden_act) or None (the raw convolution)."""
-    if activation == "silu":
-        return silu
-    if activation is None:
-        return lambda y: y
-    raise InputError(f"{name}: activation={activation!r}, expected one of {ACTIVATIONS}")
-
-
-def _check_weights(name, weight, bias, c):
-    """weight [c, w] with w >= 1, bias [c] or None; returns w."""
-    check_shape(name, "weight", weight, (c, None))
-    if weight.shape[1] < 1:
-        raise ShapeError(f"{name}: weight has shape {list(weight.shape)}, expected [c, w] with w >= 1")
-    if bias is not None:
-        check_shape(name, "bias", bias, (c,))
-    return weight.shape[1]
-
-
-def check_conv(name, x, weight, bias, state, activation):  # -> (dtype, b, t, c, w)
-    """The argument rules of the sequence conv (shared with the GPU backends' launchers)."""
-    _activation(name, activation)
-    dtype = check_float(name, x, weight, bias, state)
-    check_shape(name, "x", x, (None, None, None))
-    b, t, c = x.shape
-    w = _check_weights(name, weight, bias, c)
-    if state is not None:
-        check_shape(name, "state", state, (b, c, w))
-    return dtype, b, t, c, w
+    return silu if activation == "silu" else (lambda y: y)
 
 
 def causal_conv1d(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
@@ -49,8 +21,7 @@ def causal_conv1d(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [
     ``state`` (the cache's conv_state) supplies its last w-1 columns as left context; None means zeros
     (spec 3.1: x[<0] = 0). new_state holds the last w raw inputs, left zero-padded when t < w.
     """
-    act = _activation("causal_conv1d", activation)
-    dtype, b, t, c, w = check_conv("causal_conv1d", x, weight, bias, state, activation)
+    dtype, b, t, c, w = check_causal_conv1d(x, weight, bias, state, activation)
     xp = get_xp(x, weight, bias, state)
     if state is None:
         state = xp.zeros((b, c, w), dtype=dtype)
@@ -65,22 +36,16 @@ def causal_conv1d(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [
     y = xp.ascontiguousarray(xp.swapaxes(y, 1, 2))                                                  # [b,t,c]
     # new_state = the last w columns of concat(state, x^T)
     new_state = xp.ascontiguousarray(full[:, :, -w:])
-    return act(y), new_state
+    return _activation(activation)(y), new_state
 
 
-def causal_conv1d_step(x, state, weight, bias, activation="silu"):  # [b,c], [b,c,w], [c,w], [c]|None
+def causal_conv1d_step(x, state, weight, bias, activation="silu", out_state=None):  # [b,c], [b,c,w], [c,w], [c]|None
     """One decode step -> (y [b,c], new_state [b,c,w]) (spec 3.3).
 
-    Roll the state left by one, write x as the newest column, convolve the window with the filter.
-    The input state is not modified (the new state is a new array).
+    Roll the state left by one, write x as the newest column, convolve the window with the filter. The new
+    state is a new array, or is written into ``out_state`` when given (``out_state=state``: in place).
     """
-    name = "causal_conv1d_step"
-    act = _activation(name, activation)
-    check_float(name, x, state, weight, bias)
-    check_shape(name, "x", x, (None, None))
-    b, c = x.shape
-    w = _check_weights(name, weight, bias, c)
-    check_shape(name, "state", state, (b, c, w))
+    check_causal_conv1d_step(x, state, weight, bias, activation, out_state)
     xp = get_xp(x, state, weight, bias)
     # new_state = roll(state, -1, axis=-1) with new_state[..., -1] = x
     new_state = xp.concatenate([state[:, :, 1:], x[:, :, None]], axis=2)
@@ -88,4 +53,7 @@ def causal_conv1d_step(x, state, weight, bias, activation="silu"):  # [b,c], [b,
     y = xp.sum(new_state * weight[None], axis=2)
     if bias is not None:
         y = y + bias
-    return act(y), new_state
+    if out_state is not None:
+        out_state[...] = new_state
+        new_state = out_state
+    return _activation(activation)(y), new_state

@@ -6,8 +6,8 @@ Also home of the two smooth activations the other ops share: ``sigmoid`` (the ro
 
 import numpy as np
 
-from ..errors import ShapeError
-from .common import check_float, check_shape, get_xp
+from .common import get_xp
+from .contracts import check_gated_rms_norm, check_rms_norm
 
 
 def sigmoid(x):  # [...] -> [...]
@@ -26,13 +26,6 @@ def silu(x):  # [...] -> [...]
     return x * sigmoid(x)
 
 
-def _last_dim(name, arg, x):
-    """The width of the last axis of ``x`` (which must have one)."""
-    if x.ndim < 1:
-        raise ShapeError(f"{name}: {arg} has shape {list(x.shape)}, expected at least one axis [..., width]")
-    return x.shape[-1]
-
-
 def rms_norm(x, weight, eps):  # [..., d], [d] -> [..., d]
     """RMSNorm over the last axis (NemotronHRMSNorm = LlamaRMSNorm, spec 2).
 
@@ -41,8 +34,7 @@ def rms_norm(x, weight, eps):  # [..., d], [d] -> [..., d]
     compute dtype (float32, or float64 in oracle mode), so the cast is the identity and both orders give the
     same numbers; we keep Llama's order: normalise, cast to the input dtype, then multiply by the weight.
     """
-    dtype = check_float("rms_norm", x, weight)
-    check_shape("rms_norm", "weight", weight, (_last_dim("rms_norm", "x", x),))
+    dtype, _ = check_rms_norm(x, weight, eps)
     xp = get_xp(x, weight)
     eps = dtype.type(eps)  # a float64 eps from a config must not promote a float32 x
     # x_hat = x * rsqrt(mean(x^2) + eps)
@@ -51,25 +43,13 @@ def rms_norm(x, weight, eps):  # [..., d], [d] -> [..., d]
     return weight * x_hat.astype(x.dtype, copy=False)
 
 
-def check_gated_norm(name, y, z, weight, n_groups):  # -> (dtype, i)
-    """The argument rules of the gated group norm (shared with the GPU backends' launchers)."""
-    dtype = check_float(name, y, z, weight)
-    i = _last_dim(name, "y", y)
-    check_shape(name, "z", z, tuple(y.shape))
-    check_shape(name, "weight", weight, (i,))
-    if not isinstance(n_groups, (int, np.integer)) or n_groups < 1 or i % n_groups:
-        raise ShapeError(f"{name}: n_groups={n_groups!r} must be a positive integer that divides the width "
-                         f"i={i} of y")
-    return dtype, i
-
-
 def gated_rms_norm(y, z, weight, n_groups, eps):  # [..., i], [..., i], [i] -> [..., i]
     """The Mamba-2 output norm (Zamba2RMSNormGated, norm_before_gate=False, spec 3.2 and pitfall 4).
 
     The gate multiplies FIRST; then each of ``n_groups`` contiguous groups of i/n_groups channels is
     RMS-normalised on its own; then the weight multiplies.
     """
-    dtype, i = check_gated_norm("gated_rms_norm", y, z, weight, n_groups)
+    dtype, i = check_gated_rms_norm(y, z, weight, n_groups, eps)
     xp = get_xp(y, z, weight)
     eps = dtype.type(eps)
     # g = y * silu(z)                                   (gate before the norm)

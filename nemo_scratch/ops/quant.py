@@ -1,78 +1,17 @@
 """NVFP4 and FP8 block-scaled weights (ModelOpt layout), decoded bit-exactly. Spec section 9.
 
-(The containers below are the contract other modules use; the codecs follow.)
+The containers NVFP4Weight / FP8Weight live in formats.py (re-exported here); the codecs follow.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-
 import numpy as np
 
-from ..errors import DtypeError, InputError, ShapeError
-from .common import check_float, check_shape, get_xp
-
-
-@dataclass
-class NVFP4Weight:
-    """A packed NVFP4 linear weight W[..., out, in] as ModelOpt stores it.
-
-    packed       uint8   [..., out, in/2]   two E2M1 codes per byte, low nibble = even element
-    block_scale  uint8   [..., out, in/16]  FP8 E4M3FN bit patterns, one per 16-element block
-    global_scale float32 [...]              weight_scale_2 (one per tensor; per expert when stacked)
-    input_scale  float32 [...] or None      activation scale (W4A4 calibration; unused by W4A16)
-    A leading [e] dimension stacks routed experts; ``w[e]`` is expert e's weight.
-    """
-
-    packed: object
-    block_scale: object
-    global_scale: object
-    input_scale: object = None
-
-    @property
-    def shape(self):
-        *lead, out, half = self.packed.shape
-        return (*lead, out, 2 * half)
-
-    def __getitem__(self, e):
-        return NVFP4Weight(self.packed[e], self.block_scale[e], self.global_scale[e],
-                           None if self.input_scale is None else self.input_scale[e])
-
-    @property
-    def nbytes(self):
-        return sum(int(a.nbytes) for a in (self.packed, self.block_scale, self.global_scale))
-
-
-@dataclass
-class FP8Weight:
-    """A per-tensor FP8 E4M3FN linear weight: W = e4m3(data) * scale.
-
-    data   uint8 [..., out, in]  E4M3FN bit patterns
-    scale  float32 [...]          weight_scale (amax / 448)
-    """
-
-    data: object
-    scale: object
-    input_scale: object = None
-
-    @property
-    def shape(self):
-        return tuple(self.data.shape)
-
-    def __getitem__(self, e):
-        return FP8Weight(self.data[e], self.scale[e], None if self.input_scale is None else self.input_scale[e])
-
-    @property
-    def nbytes(self):
-        return int(self.data.nbytes) + int(self.scale.nbytes)
-
-
-def map_arrays(obj, fn):
-    """Apply ``fn`` to a plain array, or to every array field of a packed weight (e.g. host -> device)."""
-    if isinstance(obj, (NVFP4Weight, FP8Weight)):
-        fields = {k: (None if v is None else fn(v)) for k, v in vars(obj).items()}
-        return replace(obj, **fields)
-    return fn(obj)
+from ..errors import InputError, ShapeError
+from .common import check_float, get_xp
+from .contracts import (check_codes, check_e2m1_decode, check_e4m3_decode, check_fp8_dequantize, check_fp8_matmul,
+                        check_nvfp4_dequantize, check_nvfp4_matmul)
+from .formats import FP8Weight, NVFP4Weight, map_arrays  # noqa: F401  (the containers, re-exported)
 
 
 # ================================================================================================ codecs
@@ -107,22 +46,15 @@ E2M1_VALUES = np.array([minifloat_value(c, 2, 1, 1, False) for c in range(16)], 
 E4M3_VALUES = np.array([minifloat_value(c, 4, 3, 7, True) for c in range(256)], dtype=np.float32)
 
 
-def _check_codes(name, arg, codes, limit):
-    if np.dtype(codes.dtype) != np.uint8:
-        raise DtypeError(f"{name}: {arg} has dtype {codes.dtype}, expected uint8 codes")
-    if limit < 255 and codes.size and int(codes.max()) > limit:
-        raise InputError(f"{name}: {arg} holds code {int(codes.max())}, expected 4-bit codes 0..{limit}")
-
-
 def e2m1_decode(codes):  # uint8 [...] (0..15) -> float32 [...]
     """FP4 E2M1 codes -> values, by table lookup (bit-exact)."""
-    _check_codes("e2m1_decode", "codes", codes, 15)
+    check_e2m1_decode(codes)
     return get_xp(codes).asarray(E2M1_VALUES)[codes]
 
 
 def e4m3_decode(codes):  # uint8 [...] -> float32 [...]
     """FP8 E4M3FN bit patterns -> values, by a 256-entry table built from the bit fields (bit-exact)."""
-    _check_codes("e4m3_decode", "codes", codes, 255)
+    check_e4m3_decode(codes)
     return get_xp(codes).asarray(E4M3_VALUES)[codes]
 
 
@@ -175,7 +107,7 @@ def e4m3_encode(x):  # float32|float64 [...] -> uint8 E4M3FN bit patterns [...]
 
 def pack_nibbles(q):  # uint8 [..., 2m] (0..15) -> uint8 [..., m]
     """Two 4-bit codes per byte: packed = q[odd] << 4 | q[even] (low nibble = even element)."""
-    _check_codes("pack_nibbles", "q", q, 15)
+    check_codes(q, 15, op="pack_nibbles", arg="q")
     if q.ndim == 0 or q.shape[-1] % 2:
         raise ShapeError(f"pack_nibbles: q has shape {list(q.shape)}, expected an even last dimension")
     return (q[..., 1::2] << np.uint8(4)) | q[..., 0::2]
@@ -183,7 +115,7 @@ def pack_nibbles(q):  # uint8 [..., 2m] (0..15) -> uint8 [..., m]
 
 def unpack_nibbles(packed):  # uint8 [..., m] -> uint8 [..., 2m]
     """Inverse of pack_nibbles: q[..., 0::2] = b & 0xF, q[..., 1::2] = b >> 4."""
-    _check_codes("unpack_nibbles", "packed", packed, 255)
+    check_codes(packed, 255, op="unpack_nibbles", arg="packed")
     xp = get_xp(packed)
     pairs = xp.stack([packed & np.uint8(0x0F), packed >> np.uint8(4)], axis=-1)   # [..., m, 2]
     return pairs.reshape(*packed.shape[:-1], 2 * packed.shape[-1])
@@ -238,28 +170,6 @@ def nvfp4_quantize(w):  # float32|float64 [..., out, in] (in % 16 == 0) -> NVFP4
     return NVFP4Weight(packed, block_scale, global_scale)
 
 
-def _check_nvfp4(name, packed, block_scale, global_scale):
-    """Validate the ModelOpt NVFP4 triple; return (lead dims, out, in)."""
-    for arg, a in (("packed", packed), ("block_scale", block_scale)):
-        if np.dtype(a.dtype) != np.uint8:
-            raise DtypeError(f"{name}: {arg} has dtype {a.dtype}, expected uint8"
-                             + (" (E4M3 bit patterns)" if arg == "block_scale" else " (two E2M1 codes a byte)"))
-    if np.dtype(global_scale.dtype) != np.float32:
-        raise DtypeError(f"{name}: global_scale has dtype {global_scale.dtype}, expected float32")
-    if packed.ndim < 2:
-        raise ShapeError(f"{name}: packed has shape {list(packed.shape)}, expected [..., out, in/2]")
-    *lead, out, half = packed.shape
-    inn = 2 * half
-    if inn % NVFP4_BLOCK:
-        raise ShapeError(f"{name}: packed has in/2={half} bytes a row, so in={inn} is not a multiple of "
-                         f"{NVFP4_BLOCK}")
-    check_shape(name, "block_scale", block_scale, (*lead, out, inn // NVFP4_BLOCK))
-    if tuple(global_scale.shape) not in (tuple(lead), (*lead, 1)):
-        raise ShapeError(f"{name}: global_scale has shape {list(global_scale.shape)}, expected {lead} "
-                         "(one per tensor, or per stacked expert)")
-    return tuple(lead), out, inn
-
-
 def _decode_nvfp4(packed, block_scale, global_scale):  # [..., r, in/2], [..., r, in/16], [...] -> f32 [..., r, in]
     """W[r, 16j + i] = (e2m1[code] * float(block_scale[r, j])) * global_scale, all in float32.
 
@@ -277,7 +187,7 @@ def _decode_nvfp4(packed, block_scale, global_scale):  # [..., r, in/2], [..., r
 
 def nvfp4_dequantize(packed, block_scale, global_scale):  # [..., out, in/2] u8, [..., out, in/16] u8, [...] f32
     """-> float32 [..., out, in], bit-exact (see _decode_nvfp4)."""
-    _check_nvfp4("nvfp4_dequantize", packed, block_scale, global_scale)
+    check_nvfp4_dequantize(packed, block_scale, global_scale)
     return _decode_nvfp4(packed, block_scale, global_scale)
 
 
@@ -292,25 +202,12 @@ def _tiled_matmul(x, rows, decode_rows, rows_per_tile):  # [..., in] -> [..., ou
     return y
 
 
-def _check_matmul(name, x, inn, weight_ndim, rows_per_tile):
-    dtype = check_float(name, x)
-    if weight_ndim != 2:
-        raise ShapeError(f"{name}: the weight has {weight_ndim} dims, expected [out, in] (index stacked "
-                         "experts with w[e] first)")
-    if x.ndim == 0 or x.shape[-1] != inn:
-        raise ShapeError(f"{name}: x has shape {list(x.shape)}, expected [..., {inn}] (the weight's in)")
-    if not isinstance(rows_per_tile, int) or rows_per_tile <= 0:
-        raise InputError(f"{name}: rows_per_tile must be a positive integer, got {rows_per_tile!r}")
-    return dtype
-
-
 def nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], [out, in/2] -> [..., out]
     """W4A16: y = x @ dequantize(W)^T, decoding rows_per_tile output rows at a time (never the whole W).
 
     The output has x's dtype (float32, or float64 in oracle mode; the decode itself is exact in float32).
     """
-    _, out, inn = _check_nvfp4("nvfp4_matmul", packed, block_scale, global_scale)
-    _check_matmul("nvfp4_matmul", x, inn, packed.ndim, rows_per_tile)
+    _, out, _ = check_nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile)
     return _tiled_matmul(x, out, lambda r0, r1: _decode_nvfp4(packed[r0:r1], block_scale[r0:r1], global_scale),
                          rows_per_tile)
 
@@ -326,32 +223,17 @@ def fp8_quantize(w):  # float32|float64 [..., out, in] -> FP8Weight
     return FP8Weight(data, scale)
 
 
-def _check_fp8(name, data, scale):
-    if np.dtype(data.dtype) != np.uint8:
-        raise DtypeError(f"{name}: data has dtype {data.dtype}, expected uint8 (E4M3 bit patterns)")
-    if np.dtype(scale.dtype) != np.float32:
-        raise DtypeError(f"{name}: scale has dtype {scale.dtype}, expected float32")
-    if data.ndim < 2:
-        raise ShapeError(f"{name}: data has shape {list(data.shape)}, expected [..., out, in]")
-    lead = tuple(data.shape[:-2])
-    if tuple(scale.shape) not in (lead, (*lead, 1)):
-        raise ShapeError(f"{name}: scale has shape {list(scale.shape)}, expected {list(lead)} "
-                         "(one per tensor, or per stacked expert)")
-    return data.shape[-2], data.shape[-1]
-
-
 def _decode_fp8(data, scale):  # [..., r, in] u8, [...] f32 -> f32 [..., r, in]
     # W = e4m3(data) * weight_scale
     return get_xp(data).asarray(E4M3_VALUES)[data] * scale.reshape(*data.shape[:-2], 1, 1)
 
 
 def fp8_dequantize(data, scale):  # [..., out, in] u8, [...] f32 -> float32 [..., out, in]
-    _check_fp8("fp8_dequantize", data, scale)
+    check_fp8_dequantize(data, scale)
     return _decode_fp8(data, scale)
 
 
 def fp8_matmul(x, data, scale, rows_per_tile=128):  # [..., in], [out, in] u8, [] f32 -> [..., out]
     """W8A16: y = x @ dequantize(W)^T, decoded tile by tile; output in x's dtype."""
-    out, inn = _check_fp8("fp8_matmul", data, scale)
-    _check_matmul("fp8_matmul", x, inn, data.ndim, rows_per_tile)
+    _, out, _ = check_fp8_matmul(x, data, scale, rows_per_tile)
     return _tiled_matmul(x, out, lambda r0, r1: _decode_fp8(data[r0:r1], scale), rows_per_tile)

@@ -3,22 +3,20 @@
 Reference:  nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention.gqa_decode
 Test:       tests/test_backend_cupy_core.py::test_gqa_attention_*, ::test_gqa_decode_*
 Tolerance:  tests/tolerances.py ("kernel_attention", float32)
-The kernels compute in float32; float64 (oracle mode) runs on the reference. Arguments are checked before
-cupy is imported, so a wrong call fails the same way with or without a GPU.
+The kernels compute in float32 (the binder runs float64 calls on the reference). Arguments are checked by
+ops/contracts.py before the launch, so a wrong call fails the same way with or without a GPU.
 """
 
 import numpy as np
 
 from ...errors import ShapeError
-from ...ops import attention as attention_ref
-from ...ops.attention import check_attention
-from .loader import MAX_SHARED_BYTES, cdiv, device_f32, f32, get_kernel, i32, i64
+from .loader import SMEM_LIMIT_BYTES, cdiv, device_f32, f32, get_kernel, i32, i64
 
 CU_FILE = "attention.cu"
 KERNELS = {
-    "prefill": "gqa_attention_v1_tiled",
-    "decode_split": "gqa_decode_v1_splitk",
-    "decode_merge": "gqa_decode_v1_merge",
+    "prefill": "gqa_attention_v2_warp_per_row",
+    "decode_split": "gqa_decode_v2_splitk_warp_per_row",
+    "decode_merge": "gqa_split_merge_v2_warp_per_row",
 }
 # The constants of attention.cu that the launch depends on.
 ATT_WARPS = 8
@@ -28,13 +26,13 @@ ATT_MAX_DH = 256       # head dims a lane holds in registers: 8 per lane
 MERGE_ROWS = 4         # output rows a merge block (one warp each)
 
 
-def _check(name, q, k, v):
-    """The reference's argument rules (ops.attention.check_attention) plus the kernels' head-dim limit."""
-    dtype, b, t, s, nq, nkv, dh = check_attention(name, q, k, v)
-    if dtype == np.float32 and dh > ATT_MAX_DH:
+def _sizes(name, q, k):
+    """(b, t, s, nq, nkv, dh); a head dim past the kernels' register budget is a ShapeError."""
+    (b, t, nq, dh), (s, nkv) = q.shape, k.shape[1:3]
+    if dh > ATT_MAX_DH:
         raise ShapeError(f"{name}: head dim dh={dh}; the cupy attention kernels hold at most {ATT_MAX_DH} "
                          "dims a row in registers")
-    return dtype, b, t, s, nq, nkv, dh
+    return b, t, s, nq, nkv, dh
 
 
 def _smem_bytes(dh):
@@ -45,7 +43,7 @@ def _smem_bytes(dh):
 def shared_kernel(filename, name, smem):
     """get_kernel, allowed more than the default 48 KiB of dynamic shared memory when ``smem`` needs it."""
     kernel = get_kernel(filename, name)
-    if smem > MAX_SHARED_BYTES:
+    if smem > SMEM_LIMIT_BYTES:
         kernel.max_dynamic_shared_size_bytes = smem
     return kernel
 
@@ -62,9 +60,7 @@ def decode_splits(s, blocks_per_split, n_sm):  # -> (n_split, keys_per_split)
 
 def gqa_attention_cupy(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     """softmax(q k^T * dh**-0.5 + causal mask) v; the t queries are the last t of the s keys."""
-    dtype, b, t, s, nq, nkv, dh = _check("gqa_attention", q, k, v)
-    if dtype != np.float32:
-        return attention_ref.gqa_attention(q, k, v, causal)
+    b, t, s, nq, nkv, dh = _sizes("gqa_attention", q, k)
     import cupy as xp
 
     q, k, v = device_f32(xp, q, k, v)
@@ -81,9 +77,7 @@ def gqa_attention_cupy(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,k
 
 def gqa_decode_cupy(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     """Causal attention of t new tokens against a cache that holds them: split-K over the s keys + merge."""
-    dtype, b, t, s, nq, nkv, dh = _check("gqa_decode", q, k, v)
-    if dtype != np.float32:
-        return attention_ref.gqa_decode(q, k, v)
+    b, t, s, nq, nkv, dh = _sizes("gqa_decode", q, k)
     import cupy as xp
 
     q, k, v = device_f32(xp, q, k, v)

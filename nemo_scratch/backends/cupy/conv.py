@@ -3,31 +3,24 @@
 Reference:  nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_conv1d_step
 Test:       tests/test_backend_cupy_mamba.py::test_causal_conv1d_*
 Tolerance:  tests/tolerances.py ("kernel_conv1d", float32)
-Same contract as the reference. Arguments are checked (by the reference's helpers) before cupy is touched;
-float32 calls run the kernels, float64 calls (oracle mode) the reference. The step's ``out_state`` receives
-the new state: None allocates it (the input state is left untouched, as in the reference); ``out_state=state``
-is the in-place update of a decode loop.
+Same contract as the reference (checked by ops/contracts.py before the launch; float32 only). The step's
+``out_state`` receives the new state: None allocates it (the input state is left untouched, as in the
+reference); ``out_state=state`` is the in-place update of a decode loop.
 """
 
-import numpy as np
-
-from ...ops import conv as conv_ref
-from ...ops.common import check_shape
-from .loader import device_f32, get_kernel, i32, is_float32, launch_1d, state_buffer
+from .loader import device_f32, get_kernel, i32, launch_1d, state_buffer
 
 CU_FILE = "conv.cu"
 KERNELS = {
-    "prefill": "causal_conv1d_v1_naive",
-    "prefill_state": "causal_conv1d_state_v1_naive",
-    "step": "causal_conv1d_step_v1_naive",
+    "prefill": "causal_conv1d_v1_thread_per_output",
+    "prefill_state": "causal_conv1d_state_v1_thread_per_entry",
+    "step": "causal_conv1d_step_v1_thread_per_row",
 }
 
 
 def causal_conv1d_cupy(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
     """-> (y [b,t,c], new_state [b,c,w])."""
-    dtype, b, t, c, w = conv_ref.check_conv("causal_conv1d", x, weight, bias, state, activation)
-    if dtype != np.float32:
-        return conv_ref.causal_conv1d(x, weight, bias, state, activation)
+    (b, t, c), w = x.shape, weight.shape[1]
     import cupy as xp
 
     x, weight, bias, state = device_f32(xp, x, weight, bias, state)
@@ -42,17 +35,10 @@ def causal_conv1d_cupy(x, weight, bias, state=None, activation="silu"):  # [b,t,
 
 def causal_conv1d_step_cupy(x, state, weight, bias, activation="silu", out_state=None):  # [b,c], [b,c,w], ...
     """-> (y [b,c], new_state [b,c,w]); new_state is ``out_state`` when given."""
-    name = "causal_conv1d_step"
-    conv_ref._activation(name, activation)
-    if not is_float32(name, x, state, weight, bias):
-        return conv_ref.causal_conv1d_step(x, state, weight, bias, activation)
-    check_shape(name, "x", x, (None, None))
-    b, c = x.shape
-    w = conv_ref._check_weights(name, weight, bias, c)
-    check_shape(name, "state", state, (b, c, w))
+    (b, c), w = x.shape, weight.shape[1]
     import cupy as xp
 
-    new_state = state_buffer(xp, out_state, (b, c, w), name)
+    new_state = state_buffer(xp, out_state, (b, c, w), "causal_conv1d_step")
     x, state, weight, bias = device_f32(xp, x, state, weight, bias)
     y = xp.empty((b, c), dtype=xp.float32)
     launch_1d(get_kernel(CU_FILE, KERNELS["step"]), b * c,

@@ -16,14 +16,14 @@ import numpy as np
 
 import nemo_scratch
 
-from ...errors import BackendError, DtypeError, ShapeError
-from ...ops.common import check_float, check_shape
+from ...errors import BackendError
+from ..gpu_common import SMEM_LIMIT_BYTES, cdiv, state_buffer  # noqa: F401  (re-exported for the launchers)
+from ..gpu_common import launch_1d as _launch_1d
 
 KERNELS_DIR = Path(nemo_scratch.__file__).resolve().parent.parent / "kernels_cuda"
 COMPILE_OPTIONS = ("-std=c++17", f"-I{KERNELS_DIR}")
 
 THREADS = 256          # threads a block of every kernel (a multiple of the warp: the reductions need it)
-MAX_SHARED_BYTES = 48 * 1024   # dynamic shared memory a block may use without an opt-in attribute
 
 
 def kernel_source(filename):
@@ -48,15 +48,9 @@ def get_kernel(filename, name):
     return get_module(filename).get_function(name)
 
 
-def cdiv(a, b):
-    """ceil(a / b) for non-negative integers."""
-    return -(-a // b)
-
-
 def launch_1d(kernel, n, args):
-    """One thread per item of ``n`` (the kernel checks its index against n); nothing when n == 0."""
-    if n > 0:
-        kernel((cdiv(n, THREADS),), (THREADS,), args)
+    """One thread per item of ``n`` in blocks of THREADS (the kernel checks its index against n)."""
+    _launch_1d(kernel, n, args, THREADS)
 
 
 def i32(v):
@@ -72,31 +66,6 @@ def i64(v):
 def f32(v):
     """A kernel ``float`` argument (a Python float would be passed as a double)."""
     return np.float32(v)
-
-
-def is_float32(name, *arrays):
-    """True for float32 calls (the kernels), False for float64 ones (oracle mode: the reference runs).
-
-    Raises DtypeError for a mix or a non-float dtype (None arguments are skipped).
-    """
-    return check_float(name, *arrays) == np.float32
-
-
-def state_buffer(xp, out_state, shape, name):
-    """The buffer a decode-step kernel writes its new state into: ``out_state`` (checked) or a new array.
-
-    The step kernels read each state element before they write it, in the same thread, so ``out_state``
-    may be the input state itself: the in-place update a decode loop wants.
-    """
-    if out_state is None:
-        return xp.empty(shape, dtype=np.float32)
-    check_shape(name, "out_state", out_state, shape)
-    if out_state.dtype != np.float32:
-        raise DtypeError(f"{name}: out_state has dtype {out_state.dtype}, expected float32 (the state buffer)")
-    if not isinstance(out_state, xp.ndarray) or not out_state.flags.c_contiguous:
-        raise ShapeError(f"{name}: out_state must be a C-contiguous {xp.__name__} array (the kernel writes "
-                         "it in place)")
-    return out_state
 
 
 # A null pointer argument. CuPy turns a ``None`` kernel argument into 0xffffffff, not NULL (cupy issue

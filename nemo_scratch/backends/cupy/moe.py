@@ -3,31 +3,30 @@
 Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts, nemo_scratch.ops.moe.mlp
 Test:       tests/test_backend_cupy_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_*
 Tolerance:  tests/tolerances.py ("kernel_router", float32) (selection exact), ("kernel_moe", float32)
-The kernels compute in float32; float64 (oracle mode) and a packed router gate run on the reference.
+The kernels compute in float32 (the binder runs float64 calls on the reference; the router declines a packed
+gate with Unsupported).
 Expert stacks may be dense float32 [e, f, l] / [e, l, f] arrays or NVFP4Weight / FP8Weight stacks; each is
 decoded inside the grouped matmul. Arguments are checked before cupy is imported.
 """
 
 import numpy as np
 
-from ...errors import InputError, ShapeError
-from ...ops import moe as moe_ref
-from ...ops.common import check_float, check_shape
-from ...ops.quant import FP8Weight, NVFP4Weight
+from ...errors import ShapeError
+from ...ops.formats import FP8Weight, NVFP4Weight, is_packed
+from ..gpu_common import Unsupported
 from .attention import shared_kernel
 from .loader import cdiv, device_f32, f32, get_kernel, i32, i64, launch_1d
-from .quant import linear_cupy
 
 CU_FILE = "moe.cu"
 KERNELS = {
-    "route": "route_v1_block",
-    "count": "moe_count_v1",
-    "offsets": "moe_offsets_v1",
-    "permute": "moe_permute_v1",
-    "dense": "moe_matmul_dense_v1",
-    "nvfp4": "moe_matmul_nvfp4_v1",
-    "fp8": "moe_matmul_fp8_v1",
-    "combine": "moe_combine_v1",
+    "route": "route_v2_warp_argmax",
+    "count": "moe_count_v1_atomics",
+    "offsets": "moe_offsets_v1_one_thread",
+    "permute": "moe_scatter_v1_atomics",
+    "dense": "moe_matmul_dense_v2_warp_per_column",
+    "nvfp4": "moe_matmul_nvfp4_v2_warp_per_column",
+    "fp8": "moe_matmul_fp8_v2_warp_per_column",
+    "combine": "moe_combine_v1_thread_per_output",
 }
 # The constants of moe.cu that the launch depends on.
 ROUTER_TOKENS = 4
@@ -36,18 +35,11 @@ MOE_ROWS = 16
 MOE_WARPS = 8
 
 
-def _packed(w):
-    return isinstance(w, (NVFP4Weight, FP8Weight))
-
-
 def route_cupy(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
                routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
     """Sigmoid router with biased, group-limited top-k selection; the same contract as the reference."""
-    name = "route"
-    args = (x, gate_weight, correction_bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
-    if _packed(gate_weight) or check_float(name, x, gate_weight, correction_bias) != np.float32:
-        return moe_ref.route(*args)
-    moe_ref.check_route(name, x, gate_weight, correction_bias, top_k, n_group, topk_group)
+    if is_packed(gate_weight):
+        raise Unsupported("a packed router gate: the reference decodes it through linear")
     (t, d), e = x.shape, gate_weight.shape[0]
     import cupy as xp
 
@@ -65,12 +57,6 @@ def route_cupy(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, 
            (x, gate_weight, bias, idx, w, i32(t), i32(d), i32(e), i32(top_k), i32(n_group), i32(topk_group),
             i32(bool(norm_topk_prob)), f32(routed_scaling_factor)), shared_mem=smem)
     return idx, w
-
-
-def _check_experts(name, x, idx, weights, up, down):
-    """The reference's shape/dtype rules; returns (dtype, t, l, k, e, f)."""
-    dtype, t, l, e, f = moe_ref.check_experts(name, x, idx, weights, up, down)
-    return dtype, t, l, idx.shape[1], e, f
 
 
 def _expert_matmul(xp, w, a, a_row, gather, offsets, tile_offsets, out, relu2):
@@ -97,26 +83,19 @@ def _device_u8(xp, a):
 def moe_experts_cupy(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
     """out[t] = sum_j w[t,j] * down[e](relu2(up[e] x[t])), e = idx[t,j]: dispatch, two grouped matmuls, combine.
 
-    Unlike the reference, a token that names one expert twice is not rejected: both slots are computed and
-    summed (the reference's check costs a sort; route() never produces it).
+    The contract has checked that the ids are in range and distinct per token (a bad id would index out of
+    the counts array).
     """
-    name = "moe_experts"
-    dtype, t, l, k, e, f = _check_experts(name, x, idx, weights, up, down)
-    if dtype != np.float32:
-        return moe_ref.moe_experts(x, idx, weights, up, down)
+    (t, l), (e, f), k = x.shape, up.shape[:2], idx.shape[1]
     import cupy as xp
 
     n_pairs = t * k
     if n_pairs >= 2**31:
-        raise ShapeError(f"{name}: t*k = {n_pairs} (token, slot) pairs; the kernels index them with int32")
+        raise ShapeError(f"moe_experts: t*k = {n_pairs} (token, slot) pairs; the kernels index them with int32")
     out = xp.zeros((t, l), dtype=np.float32)
     if n_pairs == 0:
         return out
     idx = xp.ascontiguousarray(xp.asarray(idx, dtype=np.int64))
-    lo, hi = int(idx.min()), int(idx.max())  # one sync: a bad id would index out of the counts array
-    if lo < 0 or hi >= e:
-        raise InputError(f"{name}: idx holds expert ids in [{lo}, {hi}], expected [0, {e}) for the e={e} "
-                         "experts of up/down")
     x, weights = device_f32(xp, x, weights)
 
     # dispatch: counts -> offsets (and the tile -> expert map) -> each pair's place in expert order
@@ -141,18 +120,3 @@ def moe_experts_cupy(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l]
     launch_1d(get_kernel(CU_FILE, KERNELS["combine"]), t * l,
               (y, pair_pos, weights, out, i64(t), i32(k), i32(l)))
     return out
-
-
-def mlp_cupy(x, up, down):  # [..., d], [f,d], [d,f] -> [..., d]
-    """down(relu2(up(x))) through linear_cupy: packed weights on the fused matmul kernels, dense ones one
-    cuBLAS matmul each. The shared expert (FP8 in Ultra) and dense MLP blocks."""
-    name = "mlp"
-    if check_float(name, x, *moe_ref._dense(up, down)) != np.float32:
-        return moe_ref.mlp(x, up, down)
-    if x.ndim < 1:
-        raise ShapeError(f"{name}: x has shape {list(x.shape)}, expected [..., d]")
-    d = x.shape[-1]
-    check_shape(name, "up", up, (None, d))
-    check_shape(name, "down", down, (d, up.shape[0]))
-    # y = down(relu2(up x))
-    return linear_cupy(moe_ref.relu2(linear_cupy(x, up)), down)

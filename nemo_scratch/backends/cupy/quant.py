@@ -4,29 +4,26 @@ Reference:  nemo_scratch.ops.quant.nvfp4_dequantize, nemo_scratch.ops.quant.nvfp
             nemo_scratch.ops.quant.fp8_matmul, nemo_scratch.ops.linear.linear
 Test:       tests/test_backend_cupy_core.py::test_nvfp4_*, ::test_fp8_matmul_*, ::test_linear_*
 Tolerance:  dequantize bit-exact; matmuls tests/tolerances.py ("kernel_quant_matmul", float32)
-Arguments are checked by the reference's own codec helpers (before cupy is imported). The matmuls compute
-in float32; a float64 x (oracle mode) runs on the reference.
+Arguments are checked by ops/contracts.py before the launch. The matmuls compute in float32 (the binder runs
+a float64 x, oracle mode, on the reference).
 """
 
 import math
 
 import numpy as np
 
-from ...ops import linear as linear_ref
-from ...ops import quant as quant_ref
-from ...ops.quant import FP8Weight, NVFP4Weight
 from .loader import cdiv, device_f32, get_kernel, i64, launch_1d
 
 CU_FILE = "quant.cu"
 KERNELS = {
-    "dequantize": "nvfp4_dequantize_v1_naive",
+    "dequantize": "nvfp4_dequantize_v1_thread_per_byte",
     # (format, rows a block) -> kernel; quant.cu's matmul_rows<MB> instantiations
-    ("nvfp4", 1): "nvfp4_matmul_v1_m1",
-    ("nvfp4", 4): "nvfp4_matmul_v1_m4",
-    ("nvfp4", 16): "nvfp4_matmul_v1_m16",
-    ("fp8", 1): "fp8_matmul_v1_m1",
-    ("fp8", 4): "fp8_matmul_v1_m4",
-    ("fp8", 16): "fp8_matmul_v1_m16",
+    ("nvfp4", 1): "nvfp4_matmul_v2_warp_per_column_m1",
+    ("nvfp4", 4): "nvfp4_matmul_v2_warp_per_column_m4",
+    ("nvfp4", 16): "nvfp4_matmul_v2_warp_per_column_m16",
+    ("fp8", 1): "fp8_matmul_v2_warp_per_column_m1",
+    ("fp8", 4): "fp8_matmul_v2_warp_per_column_m4",
+    ("fp8", 16): "fp8_matmul_v2_warp_per_column_m16",
 }
 MM_WARPS = 8  # output columns a matmul block (quant.cu)
 
@@ -40,7 +37,8 @@ def _device_u8(xp, a):
 
 def nvfp4_dequantize_cupy(packed, block_scale, global_scale):  # [..., out, in/2] u8, [..., out, in/16] u8, [...]
     """-> float32 [..., out, in], bit-exact with the reference: (e2m1 * e4m3(scale)) * global."""
-    lead, out, inn = quant_ref._check_nvfp4("nvfp4_dequantize", packed, block_scale, global_scale)
+    *lead, out, half = packed.shape
+    inn = 2 * half
     import cupy as xp
 
     packed, block_scale = _device_u8(xp, packed), _device_u8(xp, block_scale)
@@ -67,10 +65,7 @@ def _matmul(xp, fmt, x, n_out, n_in, weight_args):  # [..., in] -> [..., out]
 
 def nvfp4_matmul_cupy(x, packed, block_scale, global_scale):  # [..., in], [out, in/2] u8 -> [..., out]
     """W4A16: y = x @ dequantize(W)^T; the float32 weight never exists in global memory."""
-    name = "nvfp4_matmul"
-    _, out, inn = quant_ref._check_nvfp4(name, packed, block_scale, global_scale)
-    if quant_ref._check_matmul(name, x, inn, packed.ndim, 1) != np.float32:
-        return quant_ref.nvfp4_matmul(x, packed, block_scale, global_scale)
+    out, inn = packed.shape[0], 2 * packed.shape[1]
     import cupy as xp
 
     weight_args = (_device_u8(xp, packed), _device_u8(xp, block_scale), *device_f32(xp, global_scale))
@@ -79,20 +74,8 @@ def nvfp4_matmul_cupy(x, packed, block_scale, global_scale):  # [..., in], [out,
 
 def fp8_matmul_cupy(x, data, scale):  # [..., in], [out, in] u8, [] f32 -> [..., out]
     """W8A16: y = x @ (e4m3(data) * scale)^T, decoded in registers."""
-    name = "fp8_matmul"
-    out, inn = quant_ref._check_fp8(name, data, scale)
-    if quant_ref._check_matmul(name, x, inn, data.ndim, 1) != np.float32:
-        return quant_ref.fp8_matmul(x, data, scale)
+    out, inn = data.shape
     import cupy as xp
 
     weight_args = (_device_u8(xp, data), *device_f32(xp, scale))
     return _matmul(xp, "fp8", x, out, inn, weight_args)
-
-
-def linear_cupy(x, w):  # [..., in], w [out, in] (ndarray | NVFP4Weight | FP8Weight) -> [..., out]
-    """linear() with the packed formats on the fused kernels; dense weights as the reference (cuBLAS)."""
-    if isinstance(w, NVFP4Weight):
-        return nvfp4_matmul_cupy(x, w.packed, w.block_scale, w.global_scale)
-    if isinstance(w, FP8Weight):
-        return fp8_matmul_cupy(x, w.data, w.scale)
-    return linear_ref.linear(x, w)

@@ -5,26 +5,22 @@ Test:       tests/test_backend_cupy_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 The prefill runs the four kernels of the SSD block decomposition in order (spec 3.1): chunk states,
 state passing, C.B^T per group, chunk scan. Scratch: chunk_states [b,nc,h,n,p] (p fastest, see ssd.cu),
-chunk_log_decay [b,h,nc], cb [b,nc,g,q,q]. Same contract as the reference; arguments are checked (by the
-reference's own helper) before cupy is touched; float32 calls run the kernels, float64 calls (oracle mode) the
-reference. The step's ``out_state`` receives the new state: None allocates it (the input state is left
-untouched, as in the reference); ``out_state=state`` is the in-place update of a decode loop.
+chunk_log_decay [b,h,nc], cb [b,nc,g,q,q]. Same contract as the reference (checked by ops/contracts.py before
+the launch; float32 only); a chunk too long for shared memory is an InputError. The step's ``out_state``
+receives the new state: None allocates it (the input state is left untouched, as in the reference);
+``out_state=state`` is the in-place update of a decode loop.
 """
 
-import numpy as np
-
 from ...errors import InputError, ShapeError
-from ...ops import ssd as ssd_ref
-from .loader import (MAX_SHARED_BYTES, THREADS, cdiv, device_f32, get_kernel, i32, is_float32, launch_1d,
-                     state_buffer)
+from .loader import SMEM_LIMIT_BYTES, THREADS, cdiv, device_f32, get_kernel, i32, launch_1d, state_buffer
 
 CU_FILE = "ssd.cu"
 KERNELS = {
-    "chunk_state": "ssd_chunk_state_v1_naive",
-    "state_passing": "ssd_state_passing_v1_naive",
-    "chunk_cb": "ssd_chunk_cb_v1_naive",
-    "chunk_scan": "ssd_chunk_scan_v1_naive",
-    "step": "ssd_step_v1_naive",
+    "chunk_state": "ssd_chunk_state_v2_block_per_chunk",
+    "state_passing": "ssd_state_passing_v1_thread_per_entry",
+    "chunk_cb": "ssd_chunk_cb_v2_block_per_chunk",
+    "chunk_scan": "ssd_chunk_scan_v2_smem_tile",
+    "step": "ssd_step_v2_warp_per_row",
 }
 MAX_GRID_YZ = 65535   # CUDA's limit on gridDim.y and gridDim.z (chunks, batch)
 MAX_L_TILE = 32       # rows of the decay-masked C.B^T matrix a chunk-scan block holds in shared memory
@@ -36,7 +32,7 @@ def _scan_launch_sizes(name, b, q, nc):
     if nc > MAX_GRID_YZ or b > MAX_GRID_YZ:
         raise ShapeError(f"{name}: {nc} chunks and batch {b}: the cupy kernels take at most {MAX_GRID_YZ} "
                          "of each (a larger chunk makes fewer chunks)")
-    budget = MAX_SHARED_BYTES // FLOAT_BYTES            # floats of dynamic shared memory a block may use
+    budget = SMEM_LIMIT_BYTES // FLOAT_BYTES            # floats of dynamic shared memory a block may use
     if 3 * q > budget:
         raise InputError(f"{name}: chunk={q} is too long for the cupy kernels' shared memory: at most "
                          f"{budget // 3} (real models use 128)")
@@ -46,16 +42,11 @@ def _scan_launch_sizes(name, b, q, nc):
 
 def ssd_scan_chunked_cupy(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b,t,h,p] ... -> [b,t,h,p]
     """-> (y [b,t,h,p], final_state [b,h,p,n]); the same contract as ssd_scan_chunked."""
-    name = "ssd_scan_chunked"
-    if not is_float32(name, x, dt, A, B, C, D, initial_state):
-        return ssd_ref.ssd_scan_chunked(x, dt, A, B, C, chunk, D=D, initial_state=initial_state)
-    _, _, h, p, g, n = ssd_ref._check_ssd(name, x, dt, A, B, C, D, initial_state, lead=2)
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise InputError(f"{name}: chunk={chunk!r}, expected a positive integer")
-    b, t = x.shape[:2]
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
     q = min(int(chunk), max(t, 1))   # a chunk longer than the sequence is one chunk of length t
     nc = cdiv(t, q)
-    l_tile, state_smem, scan_smem = _scan_launch_sizes(name, b, q, nc)
+    l_tile, state_smem, scan_smem = _scan_launch_sizes("ssd_scan_chunked", b, q, nc)
     import cupy as xp
 
     y = xp.empty((b, t, h, p), dtype=xp.float32)
@@ -87,16 +78,11 @@ def ssd_scan_chunked_cupy(x, dt, A, B, C, chunk, D=None, initial_state=None):  #
 
 def ssd_step_cupy(x, dt, A, B, C, D, state, out_state=None):  # [b,h,p], [b,h], [h], [b,g,n] x2, [h]|None, [b,h,p,n]
     """-> (y [b,h,p], new_state [b,h,p,n]); new_state is ``out_state`` when given."""
-    name = "ssd_step"
-    if not is_float32(name, x, dt, A, B, C, D, state):
-        return ssd_ref.ssd_step(x, dt, A, B, C, D, state)
-    if state is None:
-        raise InputError(f"{name}: state is None, expected the cached SSM state [b,h,p,n]")
-    _, _, h, p, g, n = ssd_ref._check_ssd(name, x, dt, A, B, C, D, state, lead=1)
-    b = x.shape[0]
+    b, h, p = x.shape
+    g, n = B.shape[-2:]
     import cupy as xp
 
-    new_state = state_buffer(xp, out_state, (b, h, p, n), name)
+    new_state = state_buffer(xp, out_state, (b, h, p, n), "ssd_step")
     x, dt, A, B, C, D, state = device_f32(xp, x, dt, A, B, C, D, state)
     y = xp.empty((b, h, p), dtype=xp.float32)
     rows = b * h * p                       # one warp per state row (b, h, p)

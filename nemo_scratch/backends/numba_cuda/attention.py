@@ -4,7 +4,7 @@ Reference:  nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention
 Test:       tests/test_backend_numba_core.py::test_gqa_attention_*, ::test_gqa_decode_*
 Tolerance:  tests/tolerances.py ("kernel_attention", float32)
 Versions:
-  attention_v1_tiled  flash-style, one thread per query row. A block holds ROWS rows that share one kv head
+  gqa_attention_v1_thread_per_row  flash-style, one thread per query row. A block holds ROWS rows that share one kv head
                       (row = query * r + head-in-group, r = q/kv), so the K/V tiles it stages in shared memory
                       (TILE_K keys at a time) serve every query head of the group; all threads read the same
                       key at once (a broadcast, no bank conflicts). Each row keeps its running max m, running
@@ -12,14 +12,15 @@ Versions:
                       l = l e^(m-m') + sum_j e^(s_j-m'), acc = acc e^(m-m') + sum_j e^(s_j-m') v_j.
                       Causal: query i sits at key position s - t + i; a block stops at its last row's position
                       and each row masks the keys after its own. Prefill: one split, output acc / l.
-  attention_merge_v1  decode (split-K): the keys are cut into splits of SPLIT_KEYS; attention_v1_tiled writes
+  gqa_split_merge_v1_thread_per_output  decode (split-K): the keys are cut into splits of SPLIT_KEYS; gqa_attention_v1_thread_per_row writes
                       each split's partial (m, l, acc) and this kernel merges them, one thread per output:
                       M = max m_i, o = sum_i e^(m_i-M) acc_i / sum_i e^(m_i-M) l_i.
-  No v2: the per-thread dot products over dh are the simple form; a warp-per-row layout (lanes split dh,
+  Not here: v2_warp_per_row (kernels_cuda/attention.cu): a warp-per-row layout (lanes split dh,
   shuffle reductions) is the known next step, but the simulator the tests run on has no shuffles.
-Build:      @cuda.jit(fastmath=False); float32 compute and state; float64 (oracle mode) runs the reference.
-            The head dim sets the size of two per-thread arrays: kernels are built per power of two >= dh;
-            past dh = 192 a tile holds fewer keys (48 KiB of shared memory), past 6144 the reference runs.
+Build:      @cuda.jit(fastmath=False); float32 compute and state (the binder runs float64 calls on the
+            reference). The head dim sets the size of two per-thread arrays: kernels are built per power of
+            two >= dh; past dh = 192 a tile holds fewer keys (48 KiB of shared memory), past 6144 the kernel
+            declines (Unsupported) and the reference runs.
 """
 
 import math
@@ -28,10 +29,9 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, float32
 
-from ...ops import attention as attention_ref
-from ...ops.attention import check_attention
-from ...ops.common import check_float, get_xp
-from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
+from ...ops.common import get_xp
+from ..gpu_common import Unsupported
+from .runtime import JIT, SMEM_LIMIT_BYTES, cdiv, contiguous, launch_1d, simulator_enabled
 
 SIM = simulator_enabled()
 # Keys a tile (staged in shared memory) and rows (threads) a block; keys a split in decode.
@@ -39,11 +39,10 @@ SIM = simulator_enabled()
 TILE_K = 4 if SIM else 32
 ROWS = 8 if SIM else 64
 SPLIT_KEYS = 2 * TILE_K if SIM else 256
-SMEM_BYTES = 48 * 1024  # dynamic shared memory a block may use without an opt-in
 
 
 @lru_cache(maxsize=None)
-def attention_v1_tiled(dh_cap):
+def gqa_attention_v1_thread_per_row(dh_cap):
     """The tiled online-softmax kernel for head dims <= dh_cap; see the header."""
 
     @cuda.jit(**JIT)
@@ -121,7 +120,7 @@ def attention_v1_tiled(dh_cap):
 
 
 @cuda.jit(**JIT)
-def attention_merge_v1(m_part, l_part, acc_part, out):
+def gqa_split_merge_v1_thread_per_output(m_part, l_part, acc_part, out):
     # [b,t,q,n_split] x2, [b,t,q,n_split,dh] -> out [b,t,q,dh]; one thread per output element
     i = cuda.grid(1)
     b, t, nq, n_split, dh = acc_part.shape
@@ -143,7 +142,7 @@ def attention_merge_v1(m_part, l_part, acc_part, out):
 
 def _tile_keys(dh):
     """Keys a tile: TILE_K, fewer when K and V tiles of TILE_K keys would pass 48 KiB of shared memory."""
-    return max(1, min(TILE_K, SMEM_BYTES // (2 * 4 * dh)))
+    return max(1, min(TILE_K, SMEM_LIMIT_BYTES // (2 * 4 * dh)))
 
 
 def _block_rows(rows):
@@ -154,7 +153,7 @@ def _block_rows(rows):
 
 
 def _attention(q, k, v, causal, split_keys):  # [b,t,q,dh], [b,s,kv,dh] x2 -> [b,t,q,dh]
-    """Run attention_v1_tiled over key splits of ``split_keys``; merge them when there is more than one."""
+    """Run gqa_attention_v1_thread_per_row over key splits of ``split_keys``; merge them when there is more than one."""
     xp = get_xp(q, k, v)
     q, k, v = contiguous(xp, q, k, v)
     b, t, nq, dh = q.shape
@@ -162,8 +161,8 @@ def _attention(q, k, v, causal, split_keys):  # [b,t,q,dh], [b,s,kv,dh] x2 -> [b
     n_split = cdiv(s, split_keys)
     if b * t * nq * dh == 0:
         return xp.zeros((b, t, nq, dh), dtype=np.float32)
-    if 2 * 4 * dh > SMEM_BYTES:  # dh > 6144: not even one key's K and V rows fit shared memory
-        return attention_ref.gqa_attention(q, k, v, causal)
+    if 2 * 4 * dh > SMEM_LIMIT_BYTES:  # dh > 6144: not even one key's K and V rows fit shared memory
+        raise Unsupported(f"head dim dh={dh}: one key's K and V rows exceed the shared memory of a block")
     m_part = xp.empty((b, t, nq, n_split), dtype=np.float32)
     l_part = xp.empty((b, t, nq, n_split), dtype=np.float32)
     acc_part = xp.empty((b, t, nq, n_split, dh), dtype=np.float32)
@@ -172,31 +171,20 @@ def _attention(q, k, v, causal, split_keys):  # [b,t,q,dh], [b,s,kv,dh] x2 -> [b
     dh_cap = 1 << (dh - 1).bit_length()
     tile_k = _tile_keys(dh)
     grid = (n_split, cdiv(rows, threads), b * nkv)
-    attention_v1_tiled(dh_cap)[grid, threads, 0, 2 * tile_k * dh * 4](
+    gqa_attention_v1_thread_per_row(dh_cap)[grid, threads, 0, 2 * tile_k * dh * 4](
         q, k, v, m_part, l_part, acc_part, split_keys, tile_k, bool(causal), n_split == 1, np.float32(dh ** -0.5))
     if n_split == 1:
         return acc_part.reshape(b, t, nq, dh)
     out = xp.empty((b, t, nq, dh), dtype=np.float32)
-    launch_1d(attention_merge_v1, out.size, m_part, l_part, acc_part, out)
+    launch_1d(gqa_split_merge_v1_thread_per_output, out.size, m_part, l_part, acc_part, out)
     return out
-
-
-def _check(name, q, k, v):
-    """The reference's shape rules (ops.attention.check_attention), checked before any launch."""
-    check_attention(name, q, k, v)
 
 
 def gqa_attention_numba(q, k, v, causal=True):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     """Same contract as nemo_scratch.ops.attention.gqa_attention: one pass of tiles over all s keys."""
-    if check_float("gqa_attention", q, k, v) != np.float32:
-        return attention_ref.gqa_attention(q, k, v, causal)
-    _check("gqa_attention", q, k, v)
     return _attention(q, k, v, causal, max(1, int(k.shape[1])))
 
 
 def gqa_decode_numba(q, k, v):  # [b,t,q,dh], [b,s,kv,dh], [b,s,kv,dh] -> [b,t,q,dh]
     """Same contract as nemo_scratch.ops.attention.gqa_decode: split-K over the cache, then a merge."""
-    if check_float("gqa_decode", q, k, v) != np.float32:
-        return attention_ref.gqa_decode(q, k, v)
-    _check("gqa_decode", q, k, v)
     return _attention(q, k, v, True, SPLIT_KEYS)

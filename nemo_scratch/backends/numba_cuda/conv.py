@@ -4,25 +4,24 @@ Reference:  nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_co
 Test:       tests/test_backend_mamba.py::test_causal_conv1d_*, ::test_causal_conv1d_step_*
 Tolerance:  tests/tolerances.py ("kernel_conv1d", float32)
 Versions:
-  causal_conv1d_v1_naive       one thread per output y[b, t, c] (consecutive threads = consecutive channels,
+  causal_conv1d_v1_thread_per_output       one thread per output y[b, t, c] (consecutive threads = consecutive channels,
                                so every load of x is coalesced); w multiply-adds from global memory (the
                                w-1 neighbours come from L1). The thread at t = 0 also writes new_state[b, c].
-  causal_conv1d_step_v1_naive  one thread per (b, c): shift the w-column window, append x, convolve. The
+  causal_conv1d_step_v1_thread_per_row  one thread per (b, c): shift the w-column window, append x, convolve. The
                                thread owns its state row, so new_state may be the state buffer itself.
   No v2: the conv streams x once and is memory-bound already (w <= 4 in every Nemotron config).
-Build:      @cuda.jit(fastmath=False); float32 compute. float64 (oracle mode) runs the reference on xp.
+Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs float64 calls on the reference).
 """
 
 import numpy as np
 from numba import cuda, float32
 
-from ...ops import conv as conv_ref
-from ...ops.common import check_float, check_shape, get_xp
-from .runtime import JIT, contiguous, launch_1d, silu, state_out, zeros_if_none
+from ...ops.common import get_xp
+from .runtime import JIT, contiguous, launch_1d, silu, state_buffer, zeros_if_none
 
 
 @cuda.jit(**JIT)
-def causal_conv1d_v1_naive(x, weight, bias, state, y, new_state, apply_silu):
+def causal_conv1d_v1_thread_per_output(x, weight, bias, state, y, new_state, apply_silu):
     # x [b,t,c], weight [c,w], bias [c], state [b,c,w] -> y [b,t,c], new_state [b,c,w]; one thread per y[b,t,c]
     i = cuda.grid(1)
     nb, nt, nc = x.shape
@@ -48,7 +47,7 @@ def causal_conv1d_v1_naive(x, weight, bias, state, y, new_state, apply_silu):
 
 
 @cuda.jit(**JIT)
-def causal_conv1d_step_v1_naive(x, state, weight, bias, y, new_state, apply_silu):
+def causal_conv1d_step_v1_thread_per_row(x, state, weight, bias, y, new_state, apply_silu):
     # x [b,c], state [b,c,w], weight [c,w], bias [c] -> y [b,c], new_state [b,c,w]; one thread per (b, c)
     i = cuda.grid(1)
     nb, nc = x.shape
@@ -71,9 +70,8 @@ def causal_conv1d_step_v1_naive(x, state, weight, bias, y, new_state, apply_silu
 
 def causal_conv1d_numba(x, weight, bias, state=None, activation="silu"):  # [b,t,c], [c,w], [c]|None, [b,c,w]|None
     """Same contract as nemo_scratch.ops.conv.causal_conv1d -> (y [b,t,c], new_state [b,c,w])."""
-    dtype, b, t, c, w = conv_ref.check_conv("causal_conv1d", x, weight, bias, state, activation)
-    if dtype != np.float32:
-        return conv_ref.causal_conv1d(x, weight, bias, state, activation)
+    b, t, c = x.shape
+    w = weight.shape[1]
     xp = get_xp(x, weight, bias, state)
     x, weight = contiguous(xp, x, weight)
     bias = zeros_if_none(xp, bias, (c,))
@@ -81,30 +79,20 @@ def causal_conv1d_numba(x, weight, bias, state=None, activation="silu"):  # [b,t
     y = xp.empty((b, t, c), dtype=np.float32)
     # t == 0: no thread writes new_state, which is then the old state unchanged
     new_state = xp.empty((b, c, w), dtype=np.float32) if t > 0 else xp.array(state, copy=True)
-    launch_1d(causal_conv1d_v1_naive, b * t * c, x, weight, bias, state, y, new_state, activation == "silu")
+    launch_1d(causal_conv1d_v1_thread_per_output, b * t * c, x, weight, bias, state, y, new_state, activation == "silu")
     return y, new_state
 
 
 def causal_conv1d_step_numba(x, state, weight, bias, activation="silu", out_state=None):  # [b,c], [b,c,w] ...
-    """Same contract as nemo_scratch.ops.conv.causal_conv1d_step -> (y [b,c], new_state [b,c,w]).
-
-    ``out_state`` receives the new state; None allocates it (the input state is left untouched, as in the
-    reference). Pass ``out_state=state`` for the in-place update a decode loop wants.
-    """
-    name = "causal_conv1d_step"
-    conv_ref._activation(name, activation)
-    dtype = check_float(name, x, state, weight, bias)
-    if dtype != np.float32:
-        return conv_ref.causal_conv1d_step(x, state, weight, bias, activation)
-    check_shape(name, "x", x, (None, None))
+    """Same contract as nemo_scratch.ops.conv.causal_conv1d_step -> (y [b,c], new_state [b,c,w]);
+    ``out_state=state`` updates the state in place."""
     b, c = x.shape
-    w = conv_ref._check_weights(name, weight, bias, c)
-    check_shape(name, "state", state, (b, c, w))
+    w = weight.shape[1]
     xp = get_xp(x, state, weight, bias)
     x, state, weight = contiguous(xp, x, state, weight)
     bias = zeros_if_none(xp, bias, (c,))
     y = xp.empty((b, c), dtype=np.float32)
-    new_state = state_out(xp, out_state, (b, c, w), name)
-    launch_1d(causal_conv1d_step_v1_naive, b * c, x, state, weight, bias, y, new_state, activation == "silu")
+    new_state = state_buffer(xp, out_state, (b, c, w), "causal_conv1d_step")
+    launch_1d(causal_conv1d_step_v1_thread_per_row, b * c, x, state, weight, bias, y, new_state, activation == "silu")
     return y, new_state
 

@@ -5,7 +5,7 @@ Test:       tests/test_backend_numba_core.py::test_route_*, ::test_moe_experts_*
 Tolerance:  selection identical (same experts, same order); weights ("kernel_router", float32);
             experts ("kernel_moe", float32); mlp ("kernel_quant_matmul", float32)
 Versions:
-  route_v1_block      one block per TOKENS tokens. The threads take an expert each: float32 logits over the
+  route_v1_rank_select      one block per TOKENS tokens. The threads take an expert each: float32 logits over the
                       full width d (x staged in shared memory D_CHUNK columns at a time, every gate element
                       read once per block), then s = sigmoid, sc = s + bias, both kept in shared memory.
                       Group-limited top-k and top-k are both a RANK: rank(e) = #{e' : sc[e'] > sc[e], or
@@ -14,16 +14,16 @@ Versions:
                       sort and no inter-thread communication. Groups are ranked the same way on the sum of
                       their top-2 scores; experts of dropped groups score -inf. Weights w = s[idx], then
                       w / (sum w + 1e-20) * routed_scaling_factor by one thread a token.
-  moe_dispatch_v1     tokens grouped by expert: count the (token, slot) pairs of each expert (integer
+  moe_scatter_v1_atomics     tokens grouped by expert: count the (token, slot) pairs of each expert (integer
                       atomics), an exclusive prefix sum gives each expert's offsets, a scatter writes the
                       permutation (pair ids, expert by expert; the order inside an expert is free).
-  experts: two grouped GEMMs (quant.matmul_v1_tiled, one group per expert, the weight format decoded on
+  experts: two grouped GEMMs (quant.matmul_v1_smem_tile, one group per expert, the weight format decoded on
                       the fly): h = relu2(x[tok] up[e]^T) in permuted order, y[pair] = h down[e]^T back in
-                      pair order; then moe_combine_v1 sums out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot
+                      pair order; then moe_combine_v1_thread_per_output sums out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot
                       order (deterministic: each pair owns its row of y, so no float atomics are needed).
                       Only the experts that were hit get GEMM blocks (the decode case: k of e experts).
-  mlp (shared expert, dense MLPs): no kernel of its own: quant.linear_numba twice around relu2 on xp.
-Build:      @cuda.jit(fastmath=False); float32 compute; float64 (oracle mode) or a packed gate runs the reference.
+Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs float64 calls on the reference; the
+            router declines a packed gate, and more experts than fit shared memory, with Unsupported).
 """
 
 import math
@@ -31,18 +31,16 @@ import math
 import numpy as np
 from numba import cuda, float32, int32
 
-from ...errors import InputError
-from ...ops import moe as moe_ref
-from ...ops.common import check_float, get_xp
-from ...ops.quant import FP8Weight, NVFP4Weight
-from .quant import ACT_NONE, ACT_RELU2, grouped_matmul, linear_numba, weight_arrays
-from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
+from ...ops.common import get_xp
+from ...ops.formats import FP8Weight, NVFP4Weight, is_packed
+from ..gpu_common import Unsupported
+from .quant import ACT_NONE, ACT_RELU2, grouped_matmul, weight_arrays
+from .runtime import JIT, SMEM_LIMIT_BYTES, cdiv, contiguous, launch_1d, simulator_enabled
 
 SIM = simulator_enabled()
 TOKENS = 2 if SIM else 4          # tokens a router block
 ROUTER_THREADS = 16 if SIM else 128
 D_CHUNK = 8 if SIM else 256       # columns of x staged at a time
-SMEM_BYTES = 48 * 1024            # the static limit of dynamic shared memory without an opt-in
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -61,7 +59,7 @@ def _rank(scores, base, i, n):
 
 
 @cuda.jit(**JIT)
-def route_v1_block(x, gate, bias, idx_out, w_out, tokens, d_chunk, n_group, topk_group, normalize, scaling):
+def route_v1_rank_select(x, gate, bias, idx_out, w_out, tokens, d_chunk, n_group, topk_group, normalize, scaling):
     # x [t,d], gate [e,d], bias [e] (zeros when None) -> idx_out [t,k] int64, w_out [t,k]
     smem = cuda.shared.array(0, float32)
     t, d = x.shape
@@ -96,7 +94,8 @@ def route_v1_block(x, gate, bias, idx_out, w_out, tokens, d_chunk, n_group, topk
                 s[tb * e + ex] = logit[tb]
     cuda.syncthreads()
     for i in range(tid, tokens * e, nt):
-        # s = sigmoid(logit), through e^-|logit| as the reference; sc = s + bias (selection only)
+        # s = sigmoid(logit), through e^-|logit| (no overflow; ops.norm.sigmoid's 1/(1+e^-x) agrees within a
+        # few ulp); sc = s + bias (selection only)
         z = s[i]
         ez = math.exp(-abs(z))
         s[i] = float32(1.0) / (float32(1.0) + ez) if z >= 0 else ez / (float32(1.0) + ez)
@@ -146,25 +145,22 @@ def route_v1_block(x, gate, bias, idx_out, w_out, tokens, d_chunk, n_group, topk
 def route_numba(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1, norm_topk_prob=True,
                 routed_scaling_factor=1.0):  # [t,d], [e,d], [e]|None -> (idx [t,k] int64, w [t,k])
     """Same contract as nemo_scratch.ops.moe.route."""
-    args = (top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
-    dense = not isinstance(gate_weight, (NVFP4Weight, FP8Weight))
-    if not dense or check_float("route", x, gate_weight, correction_bias) != np.float32:
-        return moe_ref.route(x, gate_weight, correction_bias, *args)
-    moe_ref.check_route("route", x, gate_weight, correction_bias, *args[:3])
+    if is_packed(gate_weight):
+        raise Unsupported("a packed router gate: the reference decodes it through linear")
+    (t, d), e = x.shape, gate_weight.shape[0]
+    d_chunk = min(D_CHUNK, max(1, d))
+    # shared memory: x chunk + s + sc + group scores, float32, for `tokens` tokens (at most 16: the logit array)
+    per_token = 4 * (d_chunk + 2 * e + n_group)
+    tokens = max(1, min(TOKENS, SMEM_LIMIT_BYTES // per_token))
+    if tokens * per_token > SMEM_LIMIT_BYTES:  # > ~6000 experts
+        raise Unsupported(f"e={e} experts: one token's scores exceed the shared memory of a block")
     xp = get_xp(x, gate_weight, correction_bias)
-    t, e = x.shape[0], gate_weight.shape[0]
     bias = xp.zeros(e, dtype=np.float32) if correction_bias is None else correction_bias
     x, gate_weight, bias = contiguous(xp, x, gate_weight, bias)
     idx = xp.empty((t, top_k), dtype=np.int64)
     w = xp.empty((t, top_k), dtype=np.float32)
-    d_chunk = min(D_CHUNK, max(1, x.shape[1]))
-    # shared memory: x chunk + s + sc + group scores, float32, for `tokens` tokens (at most 16: the logit array)
-    per_token = 4 * (d_chunk + 2 * e + n_group)
-    tokens = max(1, min(TOKENS, SMEM_BYTES // per_token))
-    if tokens * per_token > SMEM_BYTES:
-        return moe_ref.route(x, gate_weight, correction_bias, *args)  # > ~6000 experts: no kernel
     if t:
-        route_v1_block[cdiv(t, tokens), ROUTER_THREADS, 0, tokens * per_token](
+        route_v1_rank_select[cdiv(t, tokens), ROUTER_THREADS, 0, tokens * per_token](
             x, gate_weight, bias, idx, w, tokens, d_chunk, n_group, topk_group, bool(norm_topk_prob),
             np.float32(routed_scaling_factor))
     return idx, w
@@ -174,7 +170,7 @@ def route_numba(x, gate_weight, correction_bias, top_k, n_group=1, topk_group=1,
 # Experts: dispatch, grouped GEMMs, combine
 
 @cuda.jit(**JIT)
-def moe_count_v1(idx_flat, counts):
+def moe_count_v1_atomics(idx_flat, counts):
     # idx_flat [t*k] -> counts[e] += 1 for each pair
     pair = cuda.grid(1)
     if pair < idx_flat.shape[0]:
@@ -182,7 +178,7 @@ def moe_count_v1(idx_flat, counts):
 
 
 @cuda.jit(**JIT)
-def moe_offsets_v1(counts, offsets):
+def moe_offsets_v1_one_thread(counts, offsets):
     # exclusive prefix sum: offsets[0] = 0, offsets[ex+1] = offsets[ex] + counts[ex] (e is small: one thread)
     if cuda.grid(1) == 0:
         offsets[0] = 0
@@ -191,7 +187,7 @@ def moe_offsets_v1(counts, offsets):
 
 
 @cuda.jit(**JIT)
-def moe_dispatch_v1(idx_flat, k, offsets, fill, perm, tok_rows):
+def moe_scatter_v1_atomics(idx_flat, k, offsets, fill, perm, tok_rows):
     # pair p = t*k + j goes to position offsets[e] + (arrival order within e); perm = pair, tok_rows = token
     pair = cuda.grid(1)
     if pair < idx_flat.shape[0]:
@@ -202,7 +198,7 @@ def moe_dispatch_v1(idx_flat, k, offsets, fill, perm, tok_rows):
 
 
 @cuda.jit(**JIT)
-def moe_combine_v1(y, weights, out):
+def moe_combine_v1_thread_per_output(y, weights, out):
     # y [t*k, l] (pair order), weights [t,k] -> out [t,l] = sum_j weights[t,j] * y[t*k+j]; one thread an output
     i = cuda.grid(1)
     t, l = out.shape
@@ -225,34 +221,23 @@ def _expert_weights(xp, w):
 
 
 def moe_experts_numba(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]
-    """Same contract as nemo_scratch.ops.moe.moe_experts."""
-    name = "moe_experts"
-    if check_float(name, x, weights, *moe_ref._dense(up, down)) != np.float32:
-        return moe_ref.moe_experts(x, idx, weights, up, down)
-    _, t, l, e, f = moe_ref.check_experts(name, x, idx, weights, up, down)
+    """Same contract as nemo_scratch.ops.moe.moe_experts (ids in range and distinct: the contract checked)."""
     xp = get_xp(x, idx, weights)
-    k = idx.shape[1]
+    (t, l), (e, f), k = x.shape, up.shape[:2], idx.shape[1]
     pairs = t * k
     out = xp.zeros((t, l), dtype=np.float32)
     if pairs == 0 or l == 0:
         return out
-    # the id and duplicate checks the empty call above could not make (ids index memory in the kernels)
-    if int(idx.min()) < 0 or int(idx.max()) >= e:
-        raise InputError(f"{name}: idx holds expert ids in [{int(idx.min())}, {int(idx.max())}], expected "
-                         f"[0, {e}) for the e={e} experts of up/down")
-    ordered = xp.sort(idx, axis=-1)
-    if bool(xp.any(ordered[:, 1:] == ordered[:, :-1])):
-        raise InputError(f"{name}: idx names one expert twice for a token; route() picks k distinct experts")
     x, weights = contiguous(xp, x, weights)
     idx_flat = xp.ascontiguousarray(idx.reshape(-1), dtype=np.int64)
     # dispatch: counts -> offsets (prefix sum) -> permutation
     counts = xp.zeros(e, dtype=np.int32)
-    launch_1d(moe_count_v1, pairs, idx_flat, counts)
+    launch_1d(moe_count_v1_atomics, pairs, idx_flat, counts)
     offsets = xp.empty(e + 1, dtype=np.int64)
-    moe_offsets_v1[1, 1](counts, offsets)
+    moe_offsets_v1_one_thread[1, 1](counts, offsets)
     perm = xp.empty(pairs, dtype=np.int64)
     tok_rows = xp.empty(pairs, dtype=np.int64)
-    launch_1d(moe_dispatch_v1, pairs, idx_flat, k, offsets, xp.zeros(e, dtype=np.int32), perm, tok_rows)
+    launch_1d(moe_scatter_v1_atomics, pairs, idx_flat, k, offsets, xp.zeros(e, dtype=np.int32), perm, tok_rows)
     ident = xp.arange(pairs, dtype=np.int64)
     hit = xp.nonzero(counts)[0].astype(np.int64)  # the experts with tokens: one GEMM group each
     max_rows = int(counts.max())
@@ -265,15 +250,5 @@ def moe_experts_numba(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l
     fmt, arrays = _expert_weights(xp, down)
     grouped_matmul(fmt, h, ident, offsets, hit, arrays, y, perm, ACT_NONE, max_rows)
     # out[t] = sum_j w[t, j] y[t*k + j]
-    launch_1d(moe_combine_v1, t * l, y, weights, out)
+    launch_1d(moe_combine_v1_thread_per_output, t * l, y, weights, out)
     return out
-
-
-def mlp_numba(x, up, down):  # [..., d], [f,d], [d,f] -> [..., d]
-    """Same contract as nemo_scratch.ops.moe.mlp: down(relu2(up(x))) through linear_numba (packed weights are
-    decoded in the fused matmul kernels; dense ones are one matmul on xp). The shared expert, dense MLPs."""
-    if check_float("mlp", x, *moe_ref._dense(up, down)) != np.float32 or x.ndim < 1:
-        return moe_ref.mlp(x, up, down)  # oracle mode, or a shape the reference rejects with its message
-    moe_ref.mlp(x.reshape(-1, x.shape[-1])[:0], up, down)  # shape checks only (no rows: no compute)
-    # y = down(relu2(up x))
-    return linear_numba(moe_ref.relu2(linear_numba(x, up)), down)

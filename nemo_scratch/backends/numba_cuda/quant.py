@@ -1,7 +1,8 @@
 """NVFP4 / FP8 weights in Numba-CUDA: the one E2M1/E4M3 decode, dequantisation, and the fused matmuls.
 
-Reference:  nemo_scratch.ops.quant.e2m1_decode, e4m3_decode, nvfp4_dequantize, nvfp4_matmul, fp8_matmul;
-            nemo_scratch.ops.linear.linear (packed weights go to the kernels here)
+Reference:  nemo_scratch.ops.quant.e2m1_decode, nemo_scratch.ops.quant.e4m3_decode,
+            nemo_scratch.ops.quant.nvfp4_dequantize, nemo_scratch.ops.quant.nvfp4_matmul,
+            nemo_scratch.ops.quant.fp8_matmul (nemo_scratch.ops.linear.linear sends packed weights here)
 Test:       tests/test_backend_numba_core.py::test_decode_every_code_bit_exact, ::test_nvfp4_dequantize_bit_exact,
             ::test_quant_matmul_matches_reference, ::test_mlp_with_packed_weights, ::test_kernels_compile_for_sm90
 Tolerance:  decodes and dequantisation bit-exact (bit patterns compared); matmuls ("kernel_quant_matmul", float32)
@@ -9,15 +10,15 @@ Versions:
   e2m1_value / e4m3_value   THE device decode of the package (every kernel here and the expert GEMMs of
                             moe.py call it): the value is rebuilt from the bit fields as an exact integer times
                             a power of two; E4M3 subnormals (exp = 0) and NaN (0x7F/0xFF) included.
-                            minifloat_decode_v1 runs it over an array of codes (the bit-exact test of it).
-  nvfp4_dequantize_v1_naive one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale,
+                            minifloat_decode_v1_thread_per_code runs it over an array of codes (the bit-exact test of it).
+  nvfp4_dequantize_v1_thread_per_byte one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale,
                             multiplied in that order (e2m1 * scale is exact, so the one rounding is the last
                             multiply, as in the reference).
-  matmul_v1_tiled           out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of
+  matmul_v1_smem_tile           out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of
                             group g (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W
                             tiles staged in shared memory, W decoded element by element on its way in. A
                             plain matmul is one group; moe.py runs every expert as a group (grouped GEMM).
-  matmul_v2_gemv            m <= GEMV_ROWS rows of x (decode, batch 1): GEMV_LANES threads (a warp) per
+  matmul_v2_warp_per_column            m <= GEMV_ROWS rows of x (decode, batch 1): GEMV_LANES threads (a warp) per
                             output feature stride over the input width (coalesced reads of the packed weight),
                             decode in registers, accumulate every row of x, then one shared-memory tree over
                             the lanes. Why: at m = 1, v1 keeps TILE-1 of its TILE thread rows idle in the inner
@@ -35,17 +36,14 @@ from functools import lru_cache
 import numpy as np
 from numba import cuda, float32, int32
 
-from ...ops import linear as linear_ref
-from ...ops import quant as quant_ref
 from ...ops.common import get_xp
-from ...ops.quant import FP8Weight, NVFP4Weight
 from .runtime import JIT, cdiv, contiguous, launch_1d, simulator_enabled
 
-# Output tile of matmul_v1_tiled (TILE x TILE threads a block). Under the simulator every thread is a Python
+# Output tile of matmul_v1_smem_tile (TILE x TILE threads a block). Under the simulator every thread is a Python
 # thread: 4 x 4 keeps a block cheap; the tests cross both sizes with non-multiples.
 TILE = 4 if simulator_enabled() else 16
 TILE_PAD = TILE + 1  # the W tile is read down its columns: one float of padding avoids bank conflicts
-# matmul_v2_gemv: at most GEMV_ROWS rows of x (one accumulator each in registers); GEMV_OUTS output features
+# matmul_v2_warp_per_column: at most GEMV_ROWS rows of x (one accumulator each in registers); GEMV_OUTS output features
 # a block, GEMV_LANES threads (a power of two; a warp on a GPU) on each feature's dot product.
 GEMV_ROWS = 4
 GEMV_OUTS = 8
@@ -111,7 +109,7 @@ FETCH = {"dense": dense_weight, "nvfp4": nvfp4_weight, "fp8": fp8_weight}
 # Kernels
 
 @cuda.jit(**JIT)
-def minifloat_decode_v1(codes, out, e4m3):
+def minifloat_decode_v1_thread_per_code(codes, out, e4m3):
     # codes [n] u8 -> out [n] f32: the device decode, one thread a code (tests it over every code)
     i = cuda.grid(1)
     if i < codes.shape[0]:
@@ -119,7 +117,7 @@ def minifloat_decode_v1(codes, out, e4m3):
 
 
 @cuda.jit(**JIT)
-def nvfp4_dequantize_v1_naive(packed, block_scale, global_scale, out):
+def nvfp4_dequantize_v1_thread_per_byte(packed, block_scale, global_scale, out):
     # [g,out,in/2] u8, [g,out,in/16] u8, [g] f32 -> out [g,out,in] f32; one thread per packed byte
     i = cuda.grid(1)
     half = packed.shape[2]
@@ -131,7 +129,7 @@ def nvfp4_dequantize_v1_naive(packed, block_scale, global_scale, out):
 
 
 @lru_cache(maxsize=None)
-def matmul_v1_tiled(fmt):
+def matmul_v1_smem_tile(fmt):
     """The tiled (grouped) matmul for one weight format; see the header."""
     fetch = FETCH[fmt]
 
@@ -170,7 +168,7 @@ def matmul_v1_tiled(fmt):
 
 
 @lru_cache(maxsize=None)
-def matmul_v2_gemv(fmt):
+def matmul_v2_warp_per_column(fmt):
     """The decode-shaped matmul (m <= GEMV_ROWS) for one weight format; see the header."""
     fetch = FETCH[fmt]
 
@@ -235,12 +233,12 @@ def grouped_matmul(fmt, x, x_rows, offsets, groups, weights, out, out_rows, act,
     if groups.shape[0] == 0 or max_rows < 1 or out.shape[1] == 0:
         return out
     grid = (cdiv(int(out.shape[1]), TILE), cdiv(max_rows, TILE), int(groups.shape[0]))
-    matmul_v1_tiled(fmt)[grid, (TILE, TILE)](x, x_rows, offsets, groups, *weights, out, out_rows, act)
+    matmul_v1_smem_tile(fmt)[grid, (TILE, TILE)](x, x_rows, offsets, groups, *weights, out, out_rows, act)
     return out
 
 
 def _matmul(fmt, x, weights, n_out):  # [..., in] -> [..., n_out]; weights with one group
-    """x @ W^T for a weight of format ``fmt``: v2_gemv for a few rows of x, v1_tiled otherwise."""
+    """x @ W^T for a weight of format ``fmt``: matmul_v2_warp_per_column for a few rows of x, matmul_v1_smem_tile otherwise."""
     xp = get_xp(x)
     lead, n_in = x.shape[:-1], x.shape[-1]
     x2 = xp.ascontiguousarray(x.reshape(-1, n_in))
@@ -249,7 +247,7 @@ def _matmul(fmt, x, weights, n_out):  # [..., in] -> [..., n_out]; weights with 
     if m == 0 or n_out == 0 or n_in == 0:
         return out.reshape(*lead, n_out)
     if m <= GEMV_ROWS:
-        matmul_v2_gemv(fmt)[cdiv(n_out, GEMV_OUTS), (GEMV_LANES, GEMV_OUTS)](x2, *weights, out)
+        matmul_v2_warp_per_column(fmt)[cdiv(n_out, GEMV_OUTS), (GEMV_LANES, GEMV_OUTS)](x2, *weights, out)
     else:
         rows = xp.arange(m, dtype=np.int64)
         offsets, groups = xp.asarray(np.array([0, m], dtype=np.int64)), xp.zeros(1, dtype=np.int64)
@@ -257,67 +255,51 @@ def _matmul(fmt, x, weights, n_out):  # [..., in] -> [..., n_out]; weights with 
     return out.reshape(*lead, n_out)
 
 
-def _decode(name, codes, limit, e4m3):  # uint8 [...] -> float32 [...]
-    quant_ref._check_codes(name, "codes", codes, limit)
+def _decode(codes, e4m3):  # uint8 [...] -> float32 [...]
     xp = get_xp(codes)
     flat = xp.ascontiguousarray(codes.reshape(-1))
     out = xp.empty(flat.shape, dtype=np.float32)
-    launch_1d(minifloat_decode_v1, flat.size, flat, out, e4m3)
+    launch_1d(minifloat_decode_v1_thread_per_code, flat.size, flat, out, e4m3)
     return out.reshape(codes.shape)
 
 
 def e2m1_decode_numba(codes):  # uint8 [...] (0..15) -> float32 [...]
     """Same contract as nemo_scratch.ops.quant.e2m1_decode (bit-exact), through the device decode."""
-    return _decode("e2m1_decode", codes, 15, False)
+    return _decode(codes, False)
 
 
 def e4m3_decode_numba(codes):  # uint8 [...] -> float32 [...]
     """Same contract as nemo_scratch.ops.quant.e4m3_decode (bit-exact), through the device decode."""
-    return _decode("e4m3_decode", codes, 255, True)
+    return _decode(codes, True)
 
 
 def nvfp4_dequantize_numba(packed, block_scale, global_scale):  # [..., out, in/2] u8, [..., out, in/16] u8, [...]
     """Same contract as nemo_scratch.ops.quant.nvfp4_dequantize: float32 [..., out, in], bit-exact."""
-    lead, n_out, n_in = quant_ref._check_nvfp4("nvfp4_dequantize", packed, block_scale, global_scale)
+    *lead, n_out, half = packed.shape
+    n_in = 2 * half
     xp = get_xp(packed, block_scale, global_scale)
     g = int(np.prod(lead, dtype=np.int64))
-    wa, wb, wc = weight_arrays(xp, (packed.reshape(g, n_out, n_in // 2), block_scale.reshape(g, n_out, n_in // 16),
+    wa, wb, wc = weight_arrays(xp, (packed.reshape(g, n_out, half), block_scale.reshape(g, n_out, n_in // 16),
                                     global_scale), "nvfp4")
     out = xp.empty((g, n_out, n_in), dtype=np.float32)
-    launch_1d(nvfp4_dequantize_v1_naive, g * n_out * (n_in // 2), wa, wb, wc, out)
+    launch_1d(nvfp4_dequantize_v1_thread_per_byte, g * n_out * half, wa, wb, wc, out)
     return out.reshape(*lead, n_out, n_in)
 
 
 def nvfp4_matmul_numba(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], [out, in/2] -> [..., out]
     """Same contract as nemo_scratch.ops.quant.nvfp4_matmul (W4A16, decoded inside the matmul).
 
-    rows_per_tile is the reference's decode tile, checked the same way; the kernels tile by their own sizes.
+    rows_per_tile is the reference's decode tile (checked by the contract); the kernels tile by their own sizes.
     """
-    name = "nvfp4_matmul"
-    _, n_out, n_in = quant_ref._check_nvfp4(name, packed, block_scale, global_scale)
-    if quant_ref._check_matmul(name, x, n_in, packed.ndim, rows_per_tile) != np.float32:
-        return quant_ref.nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile)
+    n_out, half = packed.shape
     xp = get_xp(x, packed)
-    weights = weight_arrays(xp, (packed.reshape(1, n_out, n_in // 2), block_scale.reshape(1, n_out, n_in // 16),
+    weights = weight_arrays(xp, (packed.reshape(1, n_out, half), block_scale.reshape(1, n_out, half // 8),
                                  global_scale), "nvfp4")
     return _matmul("nvfp4", x, weights, n_out)
 
 
 def fp8_matmul_numba(x, data, scale, rows_per_tile=128):  # [..., in], [out, in] u8, [] f32 -> [..., out]
     """Same contract as nemo_scratch.ops.quant.fp8_matmul (W8A16, decoded inside the matmul)."""
-    name = "fp8_matmul"
-    n_out, n_in = quant_ref._check_fp8(name, data, scale)
-    if quant_ref._check_matmul(name, x, n_in, data.ndim, rows_per_tile) != np.float32:
-        return quant_ref.fp8_matmul(x, data, scale, rows_per_tile)
+    n_out, n_in = data.shape
     xp = get_xp(x, data)
     return _matmul("fp8", x, weight_arrays(xp, (data.reshape(1, n_out, n_in), scale), "fp8"), n_out)
-
-
-def linear_numba(x, w):  # [..., in], w [out, in] (ndarray | NVFP4Weight | FP8Weight) -> [..., out]
-    """Same contract as nemo_scratch.ops.linear.linear: packed weights go to the fused kernels above; a dense
-    weight is a plain matmul on xp (cuBLAS through CuPy on a GPU: no hand-written kernel beats it)."""
-    if isinstance(w, NVFP4Weight):
-        return nvfp4_matmul_numba(x, w.packed, w.block_scale, w.global_scale)
-    if isinstance(w, FP8Weight):
-        return fp8_matmul_numba(x, w.data, w.scale)
-    return linear_ref.linear(x, w)

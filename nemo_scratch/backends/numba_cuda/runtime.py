@@ -23,8 +23,9 @@ import numpy as np
 from numba import config as numba_config
 from numba import cuda, float32
 
-from ...errors import BackendError, DtypeError, ShapeError
-from ...ops.common import check_shape
+from ...errors import BackendError
+from ..gpu_common import SMEM_LIMIT_BYTES, cdiv, state_buffer  # noqa: F401  (re-exported for the kernels)
+from ..gpu_common import launch_1d as _launch_1d
 
 # Threads per block on a GPU: 1-D (elementwise) kernels, and the cap of row-reduction kernels.
 GPU_THREADS = 256
@@ -81,11 +82,6 @@ def reduce_threads(width):
     return threads
 
 
-def cdiv(a, b):
-    """ceil(a / b) for positive integers."""
-    return -(-a // b)
-
-
 def kernel_args(args):
     """Kernel arguments, with read-only host (NumPy) arrays marked ``cuda.In``.
 
@@ -98,9 +94,7 @@ def kernel_args(args):
 
 def launch_1d(kernel, n, *args):
     """Launch ``kernel`` with one thread per item of ``n`` (the kernel checks ``i < n``); nothing if n == 0."""
-    if n > 0:
-        threads = threads_per_block()
-        kernel[cdiv(n, threads), threads](*kernel_args(args))
+    _launch_1d(kernel, n, kernel_args(args), threads_per_block())
 
 
 def launch_rows(kernel, rows, width, *args):
@@ -114,22 +108,6 @@ def contiguous(xp, *arrays):
     return [None if a is None else xp.ascontiguousarray(a) for a in arrays]
 
 
-def state_out(xp, out_state, shape, name):
-    """The buffer a step kernel writes its new state into: ``out_state`` (checked) or a new float32 array.
-
-    The step kernels read each state element before writing it in the same thread, so ``out_state`` may be
-    the input state itself (an in-place decode update).
-    """
-    if out_state is None:
-        return xp.empty(shape, dtype=np.float32)
-    check_shape(name, "out_state", out_state, shape)
-    if out_state.dtype != np.float32:
-        raise DtypeError(f"{name}: out_state has dtype {out_state.dtype}, expected float32 (the state buffer)")
-    if not out_state.flags.c_contiguous:
-        raise ShapeError(f"{name}: out_state must be a C-contiguous array (the kernel writes it in place)")
-    return out_state
-
-
 def zeros_if_none(xp, a, shape):
     """``a``, or float32 zeros of ``shape`` standing in for an optional argument (bias, D, initial state)."""
     return xp.zeros(shape, dtype=np.float32) if a is None else a
@@ -140,7 +118,8 @@ def zeros_if_none(xp, a, shape):
 
 @cuda.jit(device=True, **JIT)
 def silu(v):
-    """silu(v) = v * sigmoid(v), through e = exp(-|v|) <= 1 like nemo_scratch.ops.norm.sigmoid (no overflow)."""
+    """silu(v) = v * sigmoid(v), through e = exp(-|v|) <= 1 so nothing overflows. nemo_scratch.ops.norm.sigmoid
+    computes 1 / (1 + exp(-v)) and lets exp overflow to inf; both reach the same limits, within a few ulp."""
     e = math.exp(-abs(v))
     # sigmoid(v) = 1 / (1 + e) for v >= 0, e / (1 + e) for v < 0
     sig = float32(1.0) / (float32(1.0) + e) if v >= float32(0.0) else e / (float32(1.0) + e)

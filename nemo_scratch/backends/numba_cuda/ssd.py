@@ -4,22 +4,23 @@ Reference:  nemo_scratch.ops.ssd.ssd_scan_chunked, nemo_scratch.ops.ssd.ssd_step
 Test:       tests/test_backend_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 Versions (the prefill is four kernels, the four steps of the SSD block decomposition, spec 3.1):
-  ssd_chunk_cb_v1_naive        cb[b,c,g,l,s] = C_l . B_s inside each chunk (s <= l), one thread per entry;
+  ssd_chunk_cb_v1_thread_per_entry        cb[b,c,g,l,s] = C_l . B_s inside each chunk (s <= l), one thread per entry;
                                shared by the h/g heads of a group, so the n-long dot products run once.
-  ssd_chunk_state_v1_naive     each chunk's own end state, one thread per (b,c,h,p,n), n fastest:
+  ssd_chunk_state_v1_thread_per_entry     each chunk's own end state, one thread per (b,c,h,p,n), n fastest:
                                states[c] = sum_s exp(sum_{k>s} dt_k A) dt_s x_s B_s; also the chunk's total
                                log-decay sum_s dt_s A.
-  ssd_state_passing_v1_naive   one thread per (b,h,p,n) walks the chunks in order: the state entering chunk
+  ssd_state_passing_v1_thread_per_entry   one thread per (b,h,p,n) walks the chunks in order: the state entering chunk
                                c (overwrites states[c]) and the final state. Initial state = the cache.
-  ssd_chunk_scan_v1_naive      one thread per y[b,t,h,p], p fastest: the diagonal block (intra-chunk) plus
+  ssd_chunk_scan_v1_thread_per_output      one thread per y[b,t,h,p], p fastest: the diagonal block (intra-chunk) plus
                                the decayed entering state (inter-chunk) plus D x.
-  ssd_step_v1_naive            decode: one block per (b,h,p) row, threads over n, shared-memory reduction for
+  ssd_step_v1_block_per_row            decode: one block per (b,h,p) row, threads over n, shared-memory reduction for
                                y = sum_n state C; new_state may be the state buffer itself (in place).
   Decays are exp of segment sums accumulated from the later end (sum_{k=s+1..l} dt_k A), never differences of
   cumulative sums, which cancel in float32 (the reference's segsum makes the same choice).
-  No v2 yet: the next version would stage cb, x and the chunk states in shared memory (or tensor cores).
+  Not here: the v2 kernels of kernels_cuda/ssd.cu (a block per chunk; the chunk scan's decay-masked C.B^T
+  tile staged in shared memory, ssd_chunk_scan_v2_smem_tile; a warp per state row in the step).
 Build:      @cuda.jit(fastmath=False). float32 compute and float32 state; every index is int64 (numba's intp),
-            so b*t*h*p products past 2^31 are safe. float64 (oracle mode) runs the reference on xp.
+            so b*t*h*p products past 2^31 are safe (the binder runs float64 calls on the reference).
 """
 
 import math
@@ -27,13 +28,13 @@ import math
 import numpy as np
 from numba import cuda, float32
 
-from ...errors import InputError
-from ...ops import ssd as ssd_ref
-from .runtime import JIT, MAX_REDUCE_THREADS, block_sum, contiguous, launch_1d, launch_rows, state_out, zeros_if_none
+from ...ops.common import get_xp
+from .runtime import (JIT, MAX_REDUCE_THREADS, block_sum, contiguous, launch_1d, launch_rows, state_buffer,
+                      zeros_if_none)
 
 
 @cuda.jit(**JIT)
-def ssd_chunk_cb_v1_naive(B, C, chunk, cb):
+def ssd_chunk_cb_v1_thread_per_entry(B, C, chunk, cb):
     # B, C [b,t,g,n] -> cb [b,nc,g,q,q]: cb[b,c,g,l,s] = sum_n C[b,c*q+l,g,n] B[b,c*q+s,g,n] for s <= l
     i = cuda.grid(1)
     nb, nt, ng, nn = B.shape
@@ -55,7 +56,7 @@ def ssd_chunk_cb_v1_naive(B, C, chunk, cb):
 
 
 @cuda.jit(**JIT)
-def ssd_chunk_state_v1_naive(x, dt, A, B, chunk, states, chunk_decay):
+def ssd_chunk_state_v1_thread_per_entry(x, dt, A, B, chunk, states, chunk_decay):
     # x [b,t,h,p], dt [b,t,h], A [h], B [b,t,g,n] -> states [b,nc,h,p,n], chunk_decay [b,nc,h]
     i = cuda.grid(1)
     nb, nt, nh, np_ = x.shape
@@ -84,7 +85,7 @@ def ssd_chunk_state_v1_naive(x, dt, A, B, chunk, states, chunk_decay):
 
 
 @cuda.jit(**JIT)
-def ssd_state_passing_v1_naive(states, chunk_decay, initial_state, final_state):
+def ssd_state_passing_v1_thread_per_entry(states, chunk_decay, initial_state, final_state):
     # states [b,nc,h,p,n] (each chunk's own end state -> the state ENTERING each chunk, in place),
     # chunk_decay [b,nc,h], initial_state [b,h,p,n] -> final_state [b,h,p,n]; one thread per (b,h,p,n)
     i = cuda.grid(1)
@@ -105,7 +106,7 @@ def ssd_state_passing_v1_naive(states, chunk_decay, initial_state, final_state):
 
 
 @cuda.jit(**JIT)
-def ssd_chunk_scan_v1_naive(x, dt, A, C, D, cb, states, chunk, y):
+def ssd_chunk_scan_v1_thread_per_output(x, dt, A, C, D, cb, states, chunk, y):
     # x [b,t,h,p], dt [b,t,h], A [h], C [b,t,g,n], D [h], cb [b,nc,g,q,q], states [b,nc,h,p,n] -> y [b,t,h,p]
     i = cuda.grid(1)
     nb, nt, nh, np_ = x.shape
@@ -135,7 +136,7 @@ def ssd_chunk_scan_v1_naive(x, dt, A, C, D, cb, states, chunk, y):
 
 
 @cuda.jit(**JIT)
-def ssd_step_v1_naive(x, dt, A, B, C, D, state, new_state, y):
+def ssd_step_v1_block_per_row(x, dt, A, B, C, D, state, new_state, y):
     # x [b,h,p], dt [b,h], A [h], B/C [b,g,n], D [h], state [b,h,p,n] -> new_state [b,h,p,n], y [b,h,p]
     # one block per (b,h,p) row; threads stride over n. new_state may alias state: each element is read
     # and written by the same thread.
@@ -164,13 +165,9 @@ def ssd_step_v1_naive(x, dt, A, B, C, D, state, new_state, y):
 
 def ssd_scan_chunked_numba(x, dt, A, B, C, chunk, D=None, initial_state=None):  # x [b,t,h,p] ... -> [b,t,h,p]
     """Same contract as nemo_scratch.ops.ssd.ssd_scan_chunked -> (y [b,t,h,p], final_state [b,h,p,n])."""
-    name = "ssd_scan_chunked"
-    dtype, xp, h, p, g, n = ssd_ref._check_ssd(name, x, dt, A, B, C, D, initial_state, lead=2)
-    if not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise InputError(f"{name}: chunk={chunk!r}, expected a positive integer")
-    if dtype != np.float32:
-        return ssd_ref.ssd_scan_chunked(x, dt, A, B, C, chunk, D, initial_state)
-    b, t = x.shape[:2]
+    xp = get_xp(x, dt, A, B, C, D, initial_state)
+    b, t, h, p = x.shape
+    g, n = B.shape[-2:]
     q = min(int(chunk), max(t, 1))  # a chunk longer than the sequence is one chunk of length t
     nc = -(-t // q)
     x, dt, A, B, C = contiguous(xp, x, dt, A, B, C)
@@ -181,27 +178,22 @@ def ssd_scan_chunked_numba(x, dt, A, B, C, chunk, D=None, initial_state=None):  
     chunk_decay = xp.empty((b, nc, h), dtype=np.float32)
     final_state = xp.empty((b, h, p, n), dtype=np.float32)
     y = xp.empty((b, t, h, p), dtype=np.float32)
-    launch_1d(ssd_chunk_cb_v1_naive, b * nc * g * q * q, B, C, q, cb)
-    launch_1d(ssd_chunk_state_v1_naive, b * nc * h * p * n, x, dt, A, B, q, states, chunk_decay)
-    launch_1d(ssd_state_passing_v1_naive, b * h * p * n, states, chunk_decay, initial_state, final_state)
-    launch_1d(ssd_chunk_scan_v1_naive, b * t * h * p, x, dt, A, C, D, cb, states, q, y)
+    launch_1d(ssd_chunk_cb_v1_thread_per_entry, b * nc * g * q * q, B, C, q, cb)
+    launch_1d(ssd_chunk_state_v1_thread_per_entry, b * nc * h * p * n, x, dt, A, B, q, states, chunk_decay)
+    launch_1d(ssd_state_passing_v1_thread_per_entry, b * h * p * n, states, chunk_decay, initial_state, final_state)
+    launch_1d(ssd_chunk_scan_v1_thread_per_output, b * t * h * p, x, dt, A, C, D, cb, states, q, y)
     return y, final_state
 
 
 def ssd_step_numba(x, dt, A, B, C, D, state, out_state=None):  # [b,h,p], [b,h], [h], [b,g,n] x2, [h]|None, [b,h,p,n]
-    """Same contract as nemo_scratch.ops.ssd.ssd_step -> (y [b,h,p], new_state [b,h,p,n]).
-
-    ``out_state`` receives the new state; None allocates it (the input state is left untouched, as in the
-    reference). Pass ``out_state=state`` for the in-place update a decode loop wants.
-    """
-    name = "ssd_step"
-    dtype, xp, h, p, g, n = ssd_ref._check_ssd(name, x, dt, A, B, C, D, state, lead=1)
-    if dtype != np.float32:
-        return ssd_ref.ssd_step(x, dt, A, B, C, D, state)
-    b = x.shape[0]
+    """Same contract as nemo_scratch.ops.ssd.ssd_step -> (y [b,h,p], new_state [b,h,p,n]);
+    ``out_state=state`` updates the state in place."""
+    xp = get_xp(x, dt, A, B, C, D, state)
+    b, h, p = x.shape
+    n = B.shape[-1]
     x, dt, A, B, C, state = contiguous(xp, x, dt, A, B, C, state)
     D = zeros_if_none(xp, D, (h,))
-    new_state = state_out(xp, out_state, (b, h, p, n), name)
+    new_state = state_buffer(xp, out_state, (b, h, p, n), "ssd_step")
     y = xp.empty((b, h, p), dtype=np.float32)
-    launch_rows(ssd_step_v1_naive, b * h * p, n, x, dt, A, B, C, D, state, new_state, y)
+    launch_rows(ssd_step_v1_block_per_row, b * h * p, n, x, dt, A, B, C, D, state, new_state, y)
     return y, new_state
