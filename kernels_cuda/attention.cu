@@ -131,9 +131,9 @@ __device__ void att_attend_keys(const float* __restrict__ q, const float* __rest
 // Prefill: grid (ceil(t * group / ATT_ROWS), nkv, b), block ATT_WARPS * 32, smem att_smem_floats(dh) floats.
 // out = softmax(q k^T * dh^-0.5 + causal mask) v, i.e. acc / l once every key has been seen.
 extern "C" __global__ void gqa_attention_v2_warp_per_row(const float* __restrict__ q, const float* __restrict__ k,
-                                                  const float* __restrict__ v, float* __restrict__ out,
-                                                  int t, int s, int nq, int nkv, int dh, int causal,
-                                                  float scale) {
+                                                         const float* __restrict__ v, float* __restrict__ out,
+                                                         int t, int s, int nq, int nkv, int dh, int causal,
+                                                         float scale) {
     extern __shared__ float smem[];
     const int row0 = blockIdx.x * ATT_ROWS, kvh = blockIdx.y, bb = blockIdx.z;
     RowState st[ATT_ROWS_PER_WARP];
@@ -159,10 +159,10 @@ extern "C" __global__ void gqa_attention_v2_warp_per_row(const float* __restrict
 // row_btq = (bb * t + i) * nq + hq:  m_part/l_part [b*t*nq, n_split], acc_part [b*t*nq, n_split, dh].
 // A split that sees no key of a row (causal) leaves m = -inf, l = 0, acc = 0: it weighs nothing in the merge.
 extern "C" __global__ void gqa_decode_v2_splitk_warp_per_row(const float* __restrict__ q, const float* __restrict__ k,
-                                                const float* __restrict__ v, float* __restrict__ m_part,
-                                                float* __restrict__ l_part, float* __restrict__ acc_part,
-                                                int t, int s, int nq, int nkv, int dh, int causal, float scale,
-                                                int keys_per_split) {
+                                                             const float* __restrict__ v, float* __restrict__ m_part,
+                                                             float* __restrict__ l_part, float* __restrict__ acc_part,
+                                                             int t, int s, int nq, int nkv, int dh, int causal, float scale,
+                                                             int keys_per_split) {
     extern __shared__ float smem[];
     const int sp = blockIdx.x, n_split = gridDim.x, row0 = blockIdx.y * ATT_ROWS;
     const int bb = blockIdx.z / nkv, kvh = blockIdx.z % nkv;
@@ -192,8 +192,8 @@ extern "C" __global__ void gqa_decode_v2_splitk_warp_per_row(const float* __rest
 // Decode, pass 2: one warp per output row (grid ceil(n_out_rows / 4), block 128).
 // M = max_s m_s;  out[d] = sum_s e^(m_s - M) acc_s[d] / sum_s e^(m_s - M) l_s.
 extern "C" __global__ void gqa_split_merge_v2_warp_per_row(const float* __restrict__ m_part, const float* __restrict__ l_part,
-                                               const float* __restrict__ acc_part, float* __restrict__ out,
-                                               long long n_out_rows, int n_split, int dh) {
+                                                           const float* __restrict__ acc_part, float* __restrict__ out,
+                                                           long long n_out_rows, int n_split, int dh) {
     const int lane = threadIdx.x & 31;
     const long long row_btq = (long long)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     if (row_btq >= n_out_rows) return;

@@ -109,7 +109,7 @@ __device__ __forceinline__ float e4m3_decode_f32(unsigned int bits) {
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Issue 8 (attention.cu, moe.cu, quant.cu): max reduction, packed-weight rows, the warp row dot product.
+// For attention.cu, moe.cu and quant.cu: max reduction, packed-weight rows, the warp row dot product.
 
 // NVRTC has no <math.h>: define INFINITY from its bit pattern there (nvcc builds take math.h's).
 #ifndef INFINITY

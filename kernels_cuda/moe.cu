@@ -175,7 +175,7 @@ extern "C" __global__ void route_v2_warp_argmax(
 
 // counts[ex] = #{p : idx[p] == ex}       (counts zeroed by the launcher)
 extern "C" __global__ void moe_count_v1_atomics(const long long* __restrict__ idx, int* __restrict__ counts,
-                                        long long n_pairs) {
+                                                long long n_pairs) {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p < n_pairs) atomicAdd(&counts[idx[p]], 1);
 }
@@ -183,7 +183,7 @@ extern "C" __global__ void moe_count_v1_atomics(const long long* __restrict__ id
 // One thread. offsets[ex] = sum_{ex' < ex} counts[ex'] (e + 1 entries; offsets[e] = n_pairs);
 // tile_offsets likewise over ceil(counts / MOE_ROWS): the grouped matmul's tile -> expert map.
 extern "C" __global__ void moe_offsets_v1_one_thread(const int* __restrict__ counts, int* __restrict__ offsets,
-                                          int* __restrict__ tile_offsets, int e) {
+                                                     int* __restrict__ tile_offsets, int e) {
     if (blockIdx.x != 0 || threadIdx.x != 0) return;
     offsets[0] = 0;
     tile_offsets[0] = 0;
@@ -195,8 +195,8 @@ extern "C" __global__ void moe_offsets_v1_one_thread(const int* __restrict__ cou
 
 // pos = offsets[ex] + (arrival order within ex); src_token[pos] = t; pair_pos[p] = pos. (fill zeroed)
 extern "C" __global__ void moe_scatter_v1_atomics(const long long* __restrict__ idx, const int* __restrict__ offsets,
-                                          int* __restrict__ fill, int* __restrict__ src_token,
-                                          int* __restrict__ pair_pos, long long n_pairs, int k) {
+                                                  int* __restrict__ fill, int* __restrict__ src_token,
+                                                  int* __restrict__ pair_pos, long long n_pairs, int k) {
     const long long p = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (p >= n_pairs) return;
     const long long ex = idx[p];
@@ -276,8 +276,8 @@ extern "C" __global__ void moe_matmul_fp8_v2_warp_per_column(
 
 // out[t, c] = sum_j weights[t, j] * y[pair_pos[t * k + j], c]     (thread per (t, c))
 extern "C" __global__ void moe_combine_v1_thread_per_output(const float* __restrict__ y, const int* __restrict__ pair_pos,
-                                          const float* __restrict__ weights, float* __restrict__ out,
-                                          long long t, int k, int l) {
+                                                            const float* __restrict__ weights, float* __restrict__ out,
+                                                            long long t, int k, int l) {
     const long long x_tc = (long long)blockIdx.x * blockDim.x + threadIdx.x;
     if (x_tc >= t * l) return;
     const long long tok = x_tc / l;

@@ -1,4 +1,4 @@
-"""The Mamba-path kernels of both GPU backends against the NumPy reference (issue 6).
+"""The Mamba-path kernels of both GPU backends against the NumPy reference.
 
 Kernels: nemo_scratch/backends/numba_cuda/{conv,ssd,norm}.py and kernels_cuda/{conv,ssd,norm}.cu (through
 nemo_scratch/backends/cupy/). The property tests run for each of gpu_harness.BACKEND_MODES: numba with tiny

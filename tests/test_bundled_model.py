@@ -1,4 +1,4 @@
-"""The bundled tiny trained model (issue 7): it loads, matches transformers on the same weights, its NVFP4 copy
+"""The bundled tiny trained model: it loads, matches transformers on the same weights, its NVFP4 copy
 is exactly what ``quantize`` writes, greedy generation with MTP equals without, and the demo runs."""
 
 import numpy as np

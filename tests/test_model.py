@@ -2,6 +2,8 @@
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 import nemo_scratch
 from nemo_scratch.checkpoint import make_random_checkpoint
@@ -108,3 +110,33 @@ def test_dt_floor_switch(tiny_dir):
     hf = nemo_scratch.load(tiny_dir, dt_floor="transformers")
     assert base.dt_limit[0] == 0.0 and hf.dt_limit[0] == pytest.approx(base.cfg.time_step_min)
     assert nemo_scratch.load(tiny_dir, dt_floor=0.01).dt_limit[0] == pytest.approx(0.01)
+
+
+@settings(max_examples=15)
+@given(t=st.integers(2, 21), chunk=st.integers(1, 22), batch=st.integers(1, 2), last_only=st.booleans())
+@example(t=20, chunk=1, batch=1, last_only=False)     # one token a chunk: the decode path all the way
+@example(t=21, chunk=8, batch=2, last_only=False)     # the SSD chunk size of the tiny preset, not dividing t
+@example(t=17, chunk=5, batch=1, last_only=True)      # neither divides the other
+def test_chunked_prefill_equals_one_forward(tiny, t, chunk, batch, last_only):
+    """prefill_chunk=N runs the prompt N tokens at a time through the cache: the same logits as one pass."""
+    ids = np.random.default_rng(t * 31 + chunk).integers(0, tiny.cfg.vocab_size, size=(batch, t))
+    whole = tiny.forward(ids, last_only=last_only)
+    cache = tiny.new_cache(batch)
+    got = tiny.forward(ids, cache, last_only=last_only, prefill_chunk=chunk)
+    assert got.shape == whole.shape and got.dtype == whole.dtype and cache.length == t
+    assert_close(got, whole, "model_step_vs_forward", np.float32, what=f"chunk={chunk}")
+    # the cache carried through the chunks continues like the one-pass cache
+    ref_cache = tiny.new_cache(batch)
+    tiny.forward(ids, ref_cache)
+    nxt = ids[:, :1]
+    assert_close(tiny.forward(nxt, cache), tiny.forward(nxt, ref_cache), "model_step_vs_forward", np.float32)
+
+
+def test_chunked_prefill_in_generate(tiny):
+    prompt = list(np.random.default_rng(3).integers(0, tiny.cfg.vocab_size, size=19))
+    plain = tiny.generate(prompt, 6).ids
+    np.testing.assert_array_equal(tiny.generate(prompt, 6, prefill_chunk=4).ids, plain)
+    np.testing.assert_array_equal(tiny.generate(prompt, 6, prefill_chunk=3, mtp=True, draft_depth=2).ids, plain)
+    for bad in (0, -2, 1.5, "8", True):
+        with pytest.raises(InputError, match="prefill_chunk"):
+            tiny.forward([[1, 2, 3]], prefill_chunk=bad)

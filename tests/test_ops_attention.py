@@ -115,3 +115,24 @@ def test_kv_heads_must_divide_query_heads():
     _, k, v = make_qkv(0, 1, 2, 2, 2, 1, 2, "float32")
     with pytest.raises(ShapeError, match="kv heads"):
         gqa_attention(q, k, v)
+
+
+@given(seed=st.integers(0, 2**16), t=st.integers(1, 12), extra=st.integers(0, 6), tile=st.integers(1, 5),
+       causal=st.booleans(), dtype=DTYPES)
+@example(seed=0, t=7, extra=3, tile=1, causal=True, dtype="float32")
+def test_query_tiles_do_not_change_the_result(seed, t, extra, tile, causal, dtype):
+    """The queries run a tile at a time (bounded score memory): any tile size gives the one-shot result."""
+    import nemo_scratch.ops.attention as attention_module
+
+    q, k, v = make_qkv(seed, 2, t, t + extra, 2, 3, 4, dtype)
+    whole = gqa_attention(q, k, v, causal)
+    saved = attention_module.SCORE_TILE_BYTES
+    try:
+        # a budget of exactly `tile` query rows of scores
+        attention_module.SCORE_TILE_BYTES = 2 * 6 * (t + extra) * np.dtype(dtype).itemsize * tile
+        assert attention_module.query_tile(2, 6, t + extra, np.dtype(dtype).itemsize) == tile
+        tiled = gqa_attention(q, k, v, causal)
+    finally:
+        attention_module.SCORE_TILE_BYTES = saved
+    assert tiled.shape == whole.shape and tiled.dtype == whole.dtype
+    assert_close(tiled, whole, "attention", what=f"tile={tile}")

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from .model import check_prefill_chunk
 
 
 @dataclass
@@ -86,9 +87,13 @@ def _check_args(model, max_new_tokens, temperature, top_p, mtp, draft_depth, bat
 
 
 def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0, seed=None, mtp=False,
-             draft_depth=1, stop_at_eos=False, on_token=None):
-    """Generate after ``ids`` ([t] or [b, t]). ``on_token(list_of_new_ids)`` is called as tokens arrive."""
+             draft_depth=1, stop_at_eos=False, on_token=None, prefill_chunk=None):
+    """Generate after ``ids`` ([t] or [b, t]). ``on_token(list_of_new_ids)`` is called as tokens arrive.
+
+    ``prefill_chunk=N`` runs the prompt N tokens at a time (model.Model.hidden): bounded memory for long prompts.
+    """
     prompt = model.check_ids(ids)
+    check_prefill_chunk(prefill_chunk)
     _check_args(model, max_new_tokens, 1.0 if greedy else temperature, top_p, mtp, draft_depth, prompt.shape[0])
     # the next-token distribution of every step: greedy is temperature 0 (one-hot at the argmax)
     dist = (lambda logits: token_probs(logits, 0.0)) if greedy else (
@@ -97,17 +102,18 @@ def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0
     start = time.perf_counter()
     if mtp:
         out, prefill_s, stats = _speculative(model, prompt, max_new_tokens, dist, rng, draft_depth, stop_at_eos,
-                                             on_token)
+                                             on_token, prefill_chunk)
     else:
-        out, prefill_s, stats = _plain(model, prompt, max_new_tokens, dist, rng, stop_at_eos, on_token)
+        out, prefill_s, stats = _plain(model, prompt, max_new_tokens, dist, rng, stop_at_eos, on_token,
+                                       prefill_chunk)
     return GenerationResult(np.asarray(out, dtype=np.int64).reshape(prompt.shape[0], -1),
                             time.perf_counter() - start, prefill_s, stats)
 
 
-def _plain(model, prompt, max_new, dist, rng, stop_at_eos, on_token):
+def _plain(model, prompt, max_new, dist, rng, stop_at_eos, on_token, prefill_chunk):
     cache = model.new_cache(prompt.shape[0])
     t0 = time.perf_counter()
-    logits = model.forward(prompt, cache, last_only=True)[:, -1]                      # [b,v]
+    logits = model.forward(prompt, cache, last_only=True, prefill_chunk=prefill_chunk)[:, -1]   # [b,v]
     prefill_s = time.perf_counter() - t0
     out = []
     for step in range(max_new):
@@ -123,11 +129,14 @@ def _plain(model, prompt, max_new, dist, rng, stop_at_eos, on_token):
 
 # ------------------------------------------------------------------------------------------ speculative decoding
 
-def draft(head, mcache, hidden, next_ids, k, dist, rng):  # [1,m,d], [1,m] -> (k drafts, q [k,v])
+def draft(head, mcache, hidden, next_ids, k, dist, rng, chunk=None):  # [1,m,d], [1,m] -> (k drafts, q [k,v])
     """The MTP head proposes k tokens: depth 1 from the true backbone hiddens (``hidden`` pairs position j
-    with the token at j+1 in ``next_ids``, which brings the head's own KV cache up to date), depths 2..k
-    chained on its own last hidden. The KV entries written from chained hiddens are dropped afterwards."""
-    logits, h = head.step(hidden, next_ids, mcache)
+    with the token at j+1 in ``next_ids``, which brings the head's own KV cache up to date, ``chunk`` positions
+    at a time when given), depths 2..k chained on its own last hidden. The KV entries written from chained
+    hiddens are dropped afterwards."""
+    step = chunk or hidden.shape[1]
+    for i in range(0, hidden.shape[1], step):
+        logits, h = head.step(hidden[:, i:i + step], next_ids[:, i:i + step], mcache)
     committed = mcache.length
     drafts, q = [], []
     for j in range(k):
@@ -158,11 +167,11 @@ def accept(drafts, q, p, rng):  # k drafts, q [k,v], p [k+1,v] -> (accepted, nex
     return len(drafts), int(sample(p[len(drafts)][None], rng)[0])
 
 
-def _speculative(model, prompt, max_new, dist, rng, depth, stop_at_eos, on_token):
+def _speculative(model, prompt, max_new, dist, rng, depth, stop_at_eos, on_token, prefill_chunk):
     head = model.mtp
     cache, mcache = model.new_cache(1), head.new_cache(1)
     t0 = time.perf_counter()
-    hid = model.hidden(prompt, cache)                                                   # [1,n,d]
+    hid = model.hidden(prompt, cache, prefill_chunk)                                    # [1,n,d]
     out = [int(sample(dist(model.backend.to_numpy(model.logits(hid[:, -1:]))[:, -1]), rng)[0])]
     prefill_s = time.perf_counter() - t0
     if on_token:
@@ -173,7 +182,7 @@ def _speculative(model, prompt, max_new, dist, rng, depth, stop_at_eos, on_token
              "accepted_per_depth": [0] * depth, "forward_passes": 1, "trace": []}
     while len(out) < max_new and not (stop_at_eos and out[-1] == model.cfg.eos_token_id):
         k = min(depth, max_new - len(out) - 1)
-        drafts, q = draft(head, mcache, pend_h, pend_ids, k, dist, rng)
+        drafts, q = draft(head, mcache, pend_h, pend_ids, k, dist, rng, prefill_chunk)
         vh, p = verify(model, cache, out[-1], drafts, dist)
         accepted, nxt = accept(drafts, q, p, rng)
         cache.accept(accepted + 1, k + 1)

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..backends import get_backend
 from ..errors import InputError
+from ..ops.formats import BF16Weight
+from ..ops.quant import bf16_decode
 from .blocks import block
 from .cache import Cache
 from .weights import map_tree
@@ -24,6 +26,23 @@ DT_FLOOR_HELP = (
     "dt floor of the Mamba layers: 'config' (default) follows the checkpoint's time_step_limit, (0, inf) when "
     "absent, as vLLM and NVIDIA's kernels do; 'transformers' reproduces transformers 5.x, which floors dt at "
     "time_step_min (0.001); or a number")
+
+
+def check_prefill_chunk(prefill_chunk):
+    """None (the whole prompt at once) or a positive integer number of tokens; InputError otherwise."""
+    if prefill_chunk is None:
+        return None
+    if isinstance(prefill_chunk, bool) or not isinstance(prefill_chunk, (int, np.integer)) or prefill_chunk < 1:
+        raise InputError(f"prefill_chunk must be a positive integer (tokens a prefill chunk) or None, got "
+                         f"{prefill_chunk!r}")
+    return int(prefill_chunk)
+
+
+def embedding_rows(table, idx, dtype):  # [v,d] (float or BF16Weight), [b,t] -> [b,t,d]
+    """Rows ``idx`` of the embedding table, in ``dtype``; a stored BF16 table decodes only the rows read."""
+    if isinstance(table, BF16Weight):
+        return bf16_decode(table.bits[idx]).astype(dtype, copy=False)
+    return table[idx]
 
 
 def resolve_dt_limit(cfg, dt_floor="config"):
@@ -78,14 +97,32 @@ class Model:
 
     # ---------------------------------------------------------------- forward
     def embed(self, ids):  # [b,t] -> [b,t,d]
+        """The embedding rows of ``ids`` in the compute dtype (a stored BF16 table decodes only those rows)."""
         idx = self.backend.asarray(self.check_ids(ids))
-        return self.params["embeddings"][idx]
+        return embedding_rows(self.params["embeddings"], idx, self.dtype)
 
-    def hidden(self, ids, cache=None):  # [b,t] -> [b,t,d]
-        """The backbone output after norm_f (what lm_head and the MTP head read)."""
+    def hidden(self, ids, cache=None, prefill_chunk=None):  # [b,t] -> [b,t,d]
+        """The backbone output after norm_f (what lm_head and the MTP head read).
+
+        ``prefill_chunk=N`` runs the tokens N at a time, carrying the cache from chunk to chunk (one is made
+        when none is given), so the activations are bounded by N tokens, not by the prompt.
+        """
+        return self.backend.xp.concatenate(list(self._chunks(ids, cache, prefill_chunk)), axis=1)
+
+    def _chunks(self, ids, cache, prefill_chunk):  # yields [b,<=N,d] in order
         ids = self.check_ids(ids)
+        chunk = check_prefill_chunk(prefill_chunk)
         if cache is not None and cache.batch != ids.shape[0]:
             raise InputError(f"ids have batch {ids.shape[0]} but the cache was made for batch {cache.batch}")
+        t = ids.shape[1]
+        if chunk is None or chunk >= t:
+            yield self._hidden(ids, cache)
+            return
+        cache = self.new_cache(ids.shape[0]) if cache is None else cache
+        for i in range(0, t, chunk):
+            yield self._hidden(ids[:, i:i + chunk], cache)
+
+    def _hidden(self, ids, cache):  # [b,t] (checked) -> [b,t,d]
         h = self.embed(ids)
         for i, p in enumerate(self.params["layers"]):
             h = block(h, p, self.cfg, self.backend, None if cache is None else cache.layers[i], self.dt_limit)
@@ -96,12 +133,18 @@ class Model:
     def logits(self, h):  # [b,t,d] -> [b,t,v]
         return self.backend.linear(h, self.params["lm_head"])
 
-    def forward(self, ids, cache=None, last_only=False):  # [b,t] -> [b,t,v] (host array)
-        """Logits for every position (or the last one only), float32 (float64 in oracle mode)."""
-        h = self.hidden(ids, cache)
+    def forward(self, ids, cache=None, last_only=False, prefill_chunk=None):  # [b,t] -> [b,t,v] (host array)
+        """Logits for every position (or the last one only), float32 (float64 in oracle mode).
+
+        ``prefill_chunk=N``: the tokens run N at a time (see ``hidden``); with ``last_only`` only the last
+        chunk's last position reaches lm_head.
+        """
         if last_only:
-            h = h[:, -1:]
-        return self.backend.to_numpy(self.logits(h))
+            for h in self._chunks(ids, cache, prefill_chunk):  # keep only the last chunk's hidden
+                pass
+            return self.backend.to_numpy(self.logits(h[:, -1:]))
+        return np.concatenate([self.backend.to_numpy(self.logits(h))
+                               for h in self._chunks(ids, cache, prefill_chunk)], axis=1)
 
     __call__ = forward
 
@@ -116,12 +159,13 @@ class Model:
         return self._mtp
 
     def generate(self, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0, seed=None, mtp=False,
-                 draft_depth=1, stop_at_eos=False, on_token=None):
+                 draft_depth=1, stop_at_eos=False, on_token=None, prefill_chunk=None):
         """Generate ``max_new_tokens`` after ``ids``; see model/generate.py. Returns a GenerationResult."""
         from .generate import generate
 
         return generate(self, ids, max_new_tokens, greedy=greedy, temperature=temperature, top_p=top_p,
-                        seed=seed, mtp=mtp, draft_depth=draft_depth, stop_at_eos=stop_at_eos, on_token=on_token)
+                        seed=seed, mtp=mtp, draft_depth=draft_depth, stop_at_eos=stop_at_eos, on_token=on_token,
+                        prefill_chunk=prefill_chunk)
 
     def __repr__(self):
         c = self.cfg

@@ -18,7 +18,7 @@ import numpy as np
 
 from ..errors import DtypeError, InputError, ShapeError
 from .common import check_float, check_shape, get_xp
-from .formats import FP8Weight, NVFP4Weight, is_packed
+from .formats import BF16Weight, ExpertBank, FP8Weight, NVFP4Weight, is_packed
 
 ACTIVATIONS = ("silu", None)
 NVFP4_BLOCK = 16    # elements per E4M3 block scale (spec 9.3)
@@ -270,9 +270,14 @@ def check_linear(x, w, *, op="linear"):  # -> (dtype, out, in)
 
 
 def _check_packed(op, **weights):
-    """A packed weight among the arguments obeys its codec's own rules."""
+    """A packed weight among the arguments obeys its codec's own rules (a bank's experts share one format and
+    shape, ops/formats.py, so its first expert stands for all)."""
     for arg, w in weights.items():
-        if isinstance(w, NVFP4Weight):
+        if isinstance(w, ExpertBank):
+            w = w[0]
+        if isinstance(w, BF16Weight):
+            check_bf16_decode(w.bits, op=f"{op} ({arg})")
+        elif isinstance(w, NVFP4Weight):
             check_nvfp4(w.packed, w.block_scale, w.global_scale, op=f"{op} ({arg})")
         elif isinstance(w, FP8Weight):
             check_fp8(w.data, w.scale, op=f"{op} ({arg})")
@@ -348,9 +353,30 @@ def _check_matmul(op, x, inn, weight_ndim, rows_per_tile):  # -> dtype
                          "experts with w[e] first)")
     if x.ndim == 0 or x.shape[-1] != inn:
         raise ShapeError(f"{op}: x has shape {list(x.shape)}, expected [..., {inn}] (the weight's in)")
-    if isinstance(rows_per_tile, bool) or not isinstance(rows_per_tile, int) or rows_per_tile <= 0:
-        raise InputError(f"{op}: rows_per_tile must be a positive integer, got {rows_per_tile!r}")
+    if rows_per_tile is not None and (isinstance(rows_per_tile, bool) or not isinstance(rows_per_tile, int)
+                                      or rows_per_tile <= 0):
+        raise InputError(f"{op}: rows_per_tile must be a positive integer (or None: the op's own tile), got "
+                         f"{rows_per_tile!r}")
     return dtype
+
+
+def check_bf16_decode(bits, *, op="bf16_decode"):  # -> (None,)
+    if np.dtype(bits.dtype) != np.uint16:
+        raise DtypeError(f"{op}: bits has dtype {bits.dtype}, expected uint16 (bfloat16 bit patterns)")
+    return (None,)
+
+
+def check_bf16_matmul(x, bits, rows_per_tile=None, *, op="bf16_matmul"):  # -> (dtype, out, in)
+    check_bf16_decode(bits, op=op)
+    out, inn = bits.shape[-2:] if bits.ndim >= 2 else (0, 0)
+    return _check_matmul(op, x, inn, bits.ndim, rows_per_tile), out, inn
+
+
+def check_dense_matmul(x, w, rows_per_tile=None, *, op="dense_matmul"):  # -> (dtype, out, in)
+    dtype = check_float(op, x, w)
+    out, inn = w.shape[-2:] if w.ndim >= 2 else (0, 0)
+    _check_matmul(op, x, inn, w.ndim, rows_per_tile)
+    return dtype, out, inn
 
 
 def check_nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile=128, *, op="nvfp4_matmul"):
@@ -383,6 +409,9 @@ CHECKS = {
     "moe_experts": check_moe_experts,
     "latent_moe": check_latent_moe,
     "linear": check_linear,
+    "bf16_decode": check_bf16_decode,
+    "bf16_matmul": check_bf16_matmul,
+    "dense_matmul": check_dense_matmul,
     "e2m1_decode": check_e2m1_decode,
     "e4m3_decode": check_e4m3_decode,
     "nvfp4_dequantize": check_nvfp4_dequantize,

@@ -9,9 +9,10 @@ import numpy as np
 
 from ..errors import InputError, ShapeError
 from .common import check_float, get_xp
-from .contracts import (check_codes, check_e2m1_decode, check_e4m3_decode, check_fp8_dequantize, check_fp8_matmul,
-                        check_nvfp4_dequantize, check_nvfp4_matmul)
-from .formats import FP8Weight, NVFP4Weight, map_arrays  # noqa: F401  (the containers, re-exported)
+from .contracts import (check_bf16_decode, check_bf16_matmul, check_codes, check_dense_matmul, check_e2m1_decode,
+                        check_e4m3_decode, check_fp8_dequantize, check_fp8_matmul, check_nvfp4_dequantize,
+                        check_nvfp4_matmul)
+from .formats import BF16Weight, FP8Weight, NVFP4Weight, map_arrays  # noqa: F401  (the containers, re-exported)
 
 
 # ================================================================================================ codecs
@@ -198,8 +199,42 @@ def _tiled_matmul(x, rows, decode_rows, rows_per_tile):  # [..., in] -> [..., ou
     for r0 in range(0, rows, rows_per_tile):
         r1 = min(r0 + rows_per_tile, rows)
         # float32 -> float64 is exact, so an oracle-mode x sees the same weights
-        y[..., r0:r1] = xp.matmul(x, decode_rows(r0, r1).astype(x.dtype).T)
+        y[..., r0:r1] = xp.matmul(x, decode_rows(r0, r1).astype(x.dtype, copy=False).T)
     return y
+
+
+# ------------------------------------------------------------------------------------------------ BF16, dense
+
+# float32 bytes of one tile of a dense or BF16 weight (NumPy): the decoded BF16 temporary never exceeds it, and
+# a dense float32 weight is cut at the same rows, so the two modes run the same BLAS calls on the same values.
+TILE_BYTES = 4 * 2**20
+
+
+def tile_rows(x, rows, inn):
+    """Output rows a tile of a dense / BF16 matmul: TILE_BYTES of float32 on NumPy; all rows on other array
+    modules (a GPU's one cuBLAS call, no decode temporary there: the GPU backends upload BF16 as float32)."""
+    return max(1, TILE_BYTES // (4 * max(inn, 1))) if get_xp(x) is np else max(rows, 1)
+
+
+def bf16_decode(bits):  # uint16 [...] -> float32 [...]
+    """bfloat16 bit patterns -> float32, exactly: a bfloat16 is the top half of a float32 (inf and NaN too)."""
+    check_bf16_decode(bits)
+    xp = get_xp(bits)
+    # f32_bits = bf16_bits << 16
+    return (bits.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
+
+
+def bf16_matmul(x, bits, rows_per_tile=None):  # [..., in], u16 [out, in] -> [..., out]
+    """y = x @ W^T with W stored as bfloat16, decoded one tile of rows at a time (exact, so bitwise the same
+    as dense_matmul on the float32 weight: the same tiles, the same BLAS calls)."""
+    _, out, inn = check_bf16_matmul(x, bits, rows_per_tile)
+    return _tiled_matmul(x, out, lambda r0, r1: bf16_decode(bits[r0:r1]), rows_per_tile or tile_rows(x, out, inn))
+
+
+def dense_matmul(x, w, rows_per_tile=None):  # [..., in], [out, in] -> [..., out]
+    """y = x @ W^T for a plain float weight, in the tiles bf16_matmul uses (one BLAS call per tile)."""
+    _, out, inn = check_dense_matmul(x, w, rows_per_tile)
+    return _tiled_matmul(x, out, lambda r0, r1: w[r0:r1], rows_per_tile or tile_rows(x, out, inn))
 
 
 def nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], [out, in/2] -> [..., out]
