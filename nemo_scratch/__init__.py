@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 DEFAULT_CHECKPOINT = Path(__file__).parent / "data" / "nemotron3-tiny"
 
 
-def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mtp=True):
+def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mtp=True, weights="auto"):
     """Load a checkpoint directory (config.json + safetensors, BF16 or ModelOpt NVFP4/FP8) into a Model.
 
     path      checkpoint directory; None = the bundled tiny trained model
@@ -25,6 +25,11 @@ def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mt
     dtype     "float32" (default) or "float64" (oracle mode); packed NVFP4/FP8 weights stay packed
     dt_floor  "config" (time_step_limit of config.json), "transformers" (floor at time_step_min, as
               transformers 5.x does) or a number
+    weights   "stored": every matrix stays as the file stores it (BF16 as BF16, FP8/NVFP4 packed),
+              memory-mapped and decoded tile by tile at use, so loading reads headers only;
+              "float32": BF16 matrices upcast at load (exact; faster for small models, 2x the bytes);
+              "auto" (default): "float32" when the upcast model fits comfortably in available memory,
+              else "stored". Both give bitwise the same logits on a BF16 checkpoint.
     """
     from .checkpoint import load_tensors
     from .model.model import Model
@@ -32,7 +37,7 @@ def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mt
     from .model.weights import build_params
 
     path = Path(DEFAULT_CHECKPOINT if path is None else path)
-    cfg, tensors, info = load_tensors(path, dtype=dtype)
+    cfg, tensors, info = load_tensors(path, dtype=dtype, weights=weights)
     params = build_params(cfg, tensors, with_mtp=with_mtp)
     return Model(cfg, params, backend=backend, dt_floor=dt_floor, info=info,
                  tokenizer=load_tokenizer(path, cfg), path=path)

@@ -8,6 +8,8 @@ RawKernel as ``kernel(grid, block, args)``, and ``launch_1d`` tells the two apar
 import numpy as np
 
 from ..errors import ShapeError
+from ..ops.formats import BF16Weight, ExpertBank, map_arrays, stack_bank
+from ..ops.quant import bf16_decode
 
 # Dynamic shared memory a block may use without the opt-in attribute (48 KiB on every CUDA GPU since sm_20;
 # sm_90 allows up to 227 KiB after cudaFuncSetAttribute / RawKernel.max_dynamic_shared_size_bytes).
@@ -49,3 +51,14 @@ def state_buffer(xp, out_state, shape, op):
         raise ShapeError(f"{op}: out_state is a {type(out_state).__module__}.{type(out_state).__name__}, "
                          f"expected a {xp.__name__} array (the kernel writes it in place)")
     return out_state
+
+
+def upload(a, to_device, xp):
+    """A host weight as a GPU backend holds it: arrays moved by ``to_device``, packed NVFP4/FP8 fields kept
+    packed, BF16 decoded to float32 (the kernels read float32 or packed codes), and an expert bank stacked
+    on the device into one [e, out, in] weight (what the grouped expert kernels read)."""
+    if isinstance(a, ExpertBank):
+        return stack_bank(ExpertBank([upload(w, to_device, xp) for w in a.experts]), xp)
+    if isinstance(a, BF16Weight):
+        return to_device(bf16_decode(np.asarray(a.bits)))
+    return map_arrays(a, to_device)

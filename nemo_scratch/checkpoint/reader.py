@@ -25,9 +25,9 @@ import numpy as np
 
 from ..config import NemotronConfig
 from ..errors import CheckpointError, ConfigError, InputError
-from ..ops.quant import FP8Weight, NVFP4Weight
+from ..ops.formats import BF16Weight, FP8Weight, NVFP4Weight
 from .names import check_tensor_set, expert_names, is_stacked, nvidia_name
-from .safetensors_io import SafetensorsFile
+from .safetensors_io import STORAGE, SafetensorsFile
 
 CONFIG, SINGLE, INDEX, QUANT_CONFIG = "config.json", "model.safetensors", "model.safetensors.index.json", \
     "hf_quant_config.json"
@@ -86,6 +86,10 @@ class CheckpointReader:
     def get(self, name):
         """The stored tensor as NumPy (BF16/F16 upcast to float32 exactly, F8_E4M3 as uint8 codes)."""
         return self._file(name).get(name)
+
+    def raw(self, name):
+        """The stored values without conversion, a read-only view of the memory-mapped file (BF16 as uint16)."""
+        return self._file(name).raw(name)
 
 
 def open_checkpoint(path) -> CheckpointReader:
@@ -194,43 +198,97 @@ IGNORED = (".k_proj.k_scale", ".v_proj.v_scale")
 FORMAT_OF = {"BF16": "bf16", "F16": "f16", "F32": "f32", "F64": "f64"}
 
 
-def load_tensors(path, dtype="float32"):
+WEIGHT_MODES = ("stored", "float32", "auto")
+# "auto" takes "float32" only when the upcast weights use at most this share of the memory available
+AUTO_FLOAT32_SHARE = 0.5
+
+
+def load_tensors(path, dtype="float32", weights="float32"):
     """Read, map and validate a checkpoint directory: -> (cfg, tensors, info).
 
-    tensors  {NVIDIA name of a logical weight: value}, value an array in ``dtype`` ("float32" or "float64";
-             BF16/F16 upcast exactly), or an NVFP4Weight / FP8Weight for a ModelOpt-quantized linear (codes
-             as uint8 views of the file, scales float32 whatever ``dtype``: they stay packed)
+    tensors  {NVIDIA name of a logical weight: value}. NVFP4 / FP8 ModelOpt linears are NVFP4Weight /
+             FP8Weight (codes as uint8 views of the file, scales float32 whatever ``dtype``). Every other tensor
+             depends on ``weights``:
+             "float32"  an array in ``dtype`` ("float32" or "float64"; BF16/F16 upcast exactly);
+             "stored"   matrices as the file stores them, memory-mapped and never copied: a BF16 matrix is a
+                        BF16Weight of its bit patterns, an F32 one a read-only view (copied to float64 in the
+                        float64 oracle mode); 1-D tensors (norms, biases, A_log, D, dt_bias), the conv filters
+                        and F16 tensors are small and are converted to ``dtype`` as in "float32".
+             Nothing but the headers (and those small tensors) is read: tensor data stays on disk until used.
+             "auto"     "float32" when its bytes fit in AUTO_FLOAT32_SHARE of the available memory, else "stored".
+             "float32" is refused up front (InputError: what it needs, what is available) when it cannot fit.
     info     {"path", "files", "mtp": bool, "formats": {name: "bf16"|"f16"|"f32"|"f64"|"nvfp4"|"fp8"},
-              "ignored": [stored names skipped], "quant_config": dict or None, "notes": [str]}
+              "ignored": [stored names skipped], "quant_config": dict or None, "notes": [str],
+              "weights": the weight mode}
     """
     dtype = _float_dtype(dtype)
+    if weights not in WEIGHT_MODES:
+        raise InputError(f"load_tensors: argument weights={weights!r}; expected one of {WEIGHT_MODES}")
     reader = open_checkpoint(path)
     cfg = reader.config
-    weights, companions, ignored = _split_companions(reader, logical_view(reader))
-    formats = {name: _detect_format(reader, name, ref, companions.get(name, {})) for name, ref in weights.items()}
-    _check_quant_config(reader, formats, weights)
-    shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights.items()}
+    weights_refs, companions, ignored = _split_companions(reader, logical_view(reader))
+    formats = {name: _detect_format(reader, name, ref, companions.get(name, {}))
+               for name, ref in weights_refs.items()}
+    _check_quant_config(reader, formats, weights_refs)
+    shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights_refs.items()}
     config_name = str(reader.directory / CONFIG)
-    include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights[name]), reader.source,
-                                   config_name)
-    stacks = {}   # a stacked expert tensor is read and converted once, then split
+    include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights_refs[name]),
+                                   reader.source, config_name)
+    mode = _weight_mode(reader, weights)
+    stacks = {}   # a stacked expert tensor is read (and converted) once, then split into views
     tensors = {}
-    for name, ref in weights.items():
+    for name, ref in weights_refs.items():
         if formats[name] in ("nvfp4", "fp8"):
             tensors[name] = _packed(reader, ref, companions[name], formats[name])
-        elif ref[1] is None:
-            tensors[name] = np.asarray(reader.get(ref[0]), dtype=dtype)
-        else:
-            if ref[0] not in stacks:
-                stacks[ref[0]] = np.asarray(reader.get(ref[0]), dtype=dtype)
-            tensors[name] = stacks[ref[0]][ref[1]]
+            continue
+        if ref[0] not in stacks:
+            stacks[ref[0]] = _plain(reader, ref[0], dtype, mode)
+        tensors[name] = stacks[ref[0]] if ref[1] is None else stacks[ref[0]][ref[1]]
     notes = []
     if cfg.num_nextn_predict_layers and not include_mtp:
         notes.append(f"{config_name} declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds "
                      "no mtp.* tensor (transformers drops them when saving): loaded without the MTP head")
     info = {"path": str(reader.directory), "files": list(reader.files), "mtp": include_mtp, "formats": formats,
-            "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes}
+            "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes, "weights": mode}
     return cfg, tensors, info
+
+
+def float32_bytes(reader) -> int:
+    """Bytes of the checkpoint's tensors once BF16/F16 are upcast to float32 (packed NVFP4/FP8 stay packed)."""
+    total = 0
+    for name in reader.names():
+        shape, kind = reader.shape_of(name), reader.dtype_of(name)
+        size = int(np.prod(shape, dtype=np.int64))
+        total += size * (4 if kind in ("BF16", "F16") else STORAGE[kind].itemsize)
+    return total
+
+
+def _weight_mode(reader, weights) -> str:
+    """The weight mode a load runs in: ``weights``, with "auto" resolved and an impossible "float32" refused."""
+    if weights == "stored":
+        return weights
+    from ..memory import available_bytes
+
+    need, available = float32_bytes(reader), available_bytes()
+    if weights == "auto":
+        return "float32" if need <= AUTO_FLOAT32_SHARE * available else "stored"
+    if need > available:
+        raise InputError(f"{reader.source}: weights='float32' needs {need / 2**30:.2f} GiB for the upcast weights "
+                         f"but {available / 2**30:.2f} GiB of memory is available; load with weights='stored' "
+                         "(CLI: --weights stored), which keeps them as stored and reads them from disk at use")
+    return weights
+
+
+def _plain(reader, stored, dtype, mode):
+    """One unquantized stored tensor in the weight mode (see load_tensors)."""
+    kind, shape = reader.dtype_of(stored), reader.shape_of(stored)
+    matrix = len(shape) >= 2 and not (len(shape) == 3 and shape[1] == 1)   # not a conv filter [c, 1, w]
+    if mode == "stored" and matrix:
+        if kind == "BF16":
+            return BF16Weight(reader.raw(stored))
+        if kind in ("F32", "F64") and np.dtype(STORAGE[kind].newbyteorder("=")) == dtype:
+            return reader.raw(stored)
+    return np.asarray(reader.get(stored), dtype=dtype)
 
 
 def _check_quant_config(reader, formats, weights):

@@ -48,7 +48,9 @@ MAX_HEADER_BYTES = 100 * 2**20   # the safetensors library's own limit; a larger
 
 def bf16_to_float32(bits):  # uint16 [...] -> float32 [...]
     """Exact upcast: a bfloat16 is the top half of a float32, so f32_bits = bf16_bits << 16 (inf, NaN too)."""
-    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
+    from ..ops.quant import bf16_decode
+
+    return bf16_decode(np.asarray(bits, dtype=np.uint16))
 
 
 def float32_to_bf16(x):  # float32 [...] -> uint16 [...]

@@ -171,4 +171,5 @@ class Model:
         c = self.cfg
         return (f"Model({c.num_hidden_layers} layers '{c.hybrid_override_pattern}', d={c.hidden_size}, "
                 f"v={c.vocab_size}, backend={self.backend.name}, dtype={self.dtype}, "
+                f"weights={self.info.get('weights', 'float32')}, "
                 f"mtp={'yes' if self.params.get('mtp') else 'no'})")

@@ -7,7 +7,8 @@ The tree is plain dicts of arrays (picoGPT style): the parameter tree *is* the c
                  "D" [h], "dt_bias" [h], "gated_norm" [i], "out_proj"}, ...],
      "mtp": {"enorm", "hnorm", "eh_proj", "layers": [...], "final_layernorm"} or None}
 
-Routed experts are stacked on a leading [e] axis (dense arrays via stack, packed NVFP4/FP8 field by field).
+Routed experts stay where the checkpoint has them: an ExpertBank (ops/formats.py) of the per-expert weights,
+``bank[x]`` expert x's [out, in] weight; nothing is stacked on the host (a GPU backend stacks on its device).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError
-from ..ops.quant import FP8Weight, NVFP4Weight
+from ..ops.formats import ExpertBank
 
 _MIXER_KEYS = {
     "mamba": {"in_proj.weight": "in_proj", "conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias",
@@ -29,19 +30,13 @@ _MIXER_KEYS = {
 }
 
 
-def stack_experts(weights, name):
-    """Stack per-expert weights on a new leading axis, keeping packed formats packed."""
+def expert_bank(weights, name):
+    """The routed experts of one layer as an ExpertBank (no copy); one storage format for all of them."""
     first = weights[0]
     if any(type(w) is not type(first) for w in weights):
         raise CheckpointError(f"{name}: routed experts mix storage formats "
                               f"({sorted({type(w).__name__ for w in weights})}); expected one format")
-    if isinstance(first, NVFP4Weight):
-        return NVFP4Weight(np.stack([w.packed for w in weights]), np.stack([w.block_scale for w in weights]),
-                           np.stack([np.asarray(w.global_scale).reshape(()) for w in weights]))
-    if isinstance(first, FP8Weight):
-        return FP8Weight(np.stack([w.data for w in weights]), np.stack([np.asarray(w.scale).reshape(())
-                                                                          for w in weights]))
-    return np.stack(weights)
+    return ExpertBank(weights)
 
 
 def layer_params(cfg, tensors, prefix, block_type):
@@ -57,9 +52,9 @@ def layer_params(cfg, tensors, prefix, block_type):
         p["conv_weight"] = p["conv_weight"].reshape(cfg.conv_dim, cfg.conv_kernel)   # [c,1,w] -> [c,w]
     if block_type == "moe":
         e = cfg.n_routed_experts
-        p["experts_up"] = stack_experts([tensors[f"{mixer}experts.{x}.up_proj.weight"] for x in range(e)],
+        p["experts_up"] = expert_bank([tensors[f"{mixer}experts.{x}.up_proj.weight"] for x in range(e)],
                                         mixer + "experts.*.up_proj.weight")
-        p["experts_down"] = stack_experts([tensors[f"{mixer}experts.{x}.down_proj.weight"] for x in range(e)],
+        p["experts_down"] = expert_bank([tensors[f"{mixer}experts.{x}.down_proj.weight"] for x in range(e)],
                                           mixer + "experts.*.down_proj.weight")
         if p["gate_bias"] is None:
             p["gate_bias"] = np.zeros(e, dtype=p["gate"].dtype)

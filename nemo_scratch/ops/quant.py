@@ -220,8 +220,10 @@ def bf16_decode(bits):  # uint16 [...] -> float32 [...]
     """bfloat16 bit patterns -> float32, exactly: a bfloat16 is the top half of a float32 (inf and NaN too)."""
     check_bf16_decode(bits)
     xp = get_xp(bits)
-    # f32_bits = bf16_bits << 16
-    return (bits.astype(xp.uint32) << xp.uint32(16)).view(xp.float32)
+    # f32_bits = bf16_bits << 16   (shifted in place: one 4-byte temporary per element, which becomes the result)
+    wide = bits.astype(xp.uint32)
+    wide <<= xp.uint32(16)
+    return wide.view(xp.float32)
 
 
 def bf16_matmul(x, bits, rows_per_tile=None):  # [..., in], u16 [out, in] -> [..., out]

@@ -17,6 +17,7 @@ tests/test_cuda_compile.py checks against the .cu source), then add one row to `
 """
 
 from ...errors import BackendError
+from ..gpu_common import upload
 from ..numpy_backend import NumpyBackend
 
 # backend method -> (launcher module in this package, entry point)
@@ -61,6 +62,10 @@ class CupyBackend(NumpyBackend):
         self.bind_kernels()
 
     # -- arrays
+    def asarray(self, a):
+        """Host array, stored weight or expert bank -> this backend's device form (gpu_common.upload)."""
+        return upload(a, self._asarray, self.xp)
+
     def _asarray(self, a):
         return self.xp.asarray(a)
 

@@ -17,6 +17,7 @@ header of docs/oracle.md section 6: Reference, Test, Tolerance, Versions, Build)
 
 import numpy as np
 
+from ..gpu_common import upload
 from ..numpy_backend import NumpyBackend
 
 # backend method -> (kernel module in this package, entry point). Every other op is the reference.
@@ -55,6 +56,10 @@ class NumbaBackend(NumpyBackend):
         self.bind_kernels()
 
     # -- arrays
+    def asarray(self, a):
+        """Host array, stored weight or expert bank -> this backend's device form (gpu_common.upload)."""
+        return upload(a, self._asarray, self.xp)
+
     def _asarray(self, a):
         # Loading onto the "device": a copy, like a host-to-device upload. Under the simulator this also
         # makes read-only (memory-mapped) checkpoint weights writable, which the simulator's copy-back needs.
