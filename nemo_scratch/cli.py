@@ -110,10 +110,31 @@ def cmd_inspect(args):
 
 
 def cmd_plan(args):
+    from .config import NemotronConfig
+    from .parallel import format_placement, plan_placement
     from .params import format_plan, plan
 
-    report = plan(args.preset, args.recipe, gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
-    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
+                                      ("--checkpoint", args.checkpoint)) if value is not None]
+    if len(given) != 1:
+        raise InputError(f"plan: pass exactly one of --preset NAME, --config config.json, --checkpoint DIR (got "
+                         f"{', '.join(given) or 'none'})")
+    source, report = args.checkpoint, None
+    if args.checkpoint is None:
+        source = args.preset if args.preset is not None else (
+            args.config / "config.json" if args.config.is_dir() else args.config)
+        cfg = source if args.preset is not None else NemotronConfig.from_json(source)
+        report = plan(cfg, args.recipe or "bf16", gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
+    if not 0 <= args.margin_gib < float("inf"):
+        raise InputError(f"plan: --margin-gib must be a finite number >= 0, got {args.margin_gib}")
+    placement = plan_placement(source, args.recipe, args.gpus, args.gpu_mem_gib, max_len=args.max_len,
+                               batch=args.batch, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype,
+                               weights=args.weights, draft_depth=args.draft_depth,
+                               margin_bytes=round(args.margin_gib * 2**30))
+    if args.json:
+        print(json.dumps({**(report or {}), "placement": placement.to_dict()}, indent=2))
+    else:
+        print((format_plan(report) + "\n\n" if report else "") + format_placement(placement))
 
 
 def cmd_golden(args):
@@ -195,11 +216,24 @@ def build_parser():
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("plan", help="parameters, bytes and per-GPU memory from a preset, without weights")
-    p.add_argument("--preset", required=True)
-    p.add_argument("--recipe", default="bf16", choices=["bf16", "fp8", "nano", "super", "ultra"])
+    p = sub.add_parser("plan", help="parameters, bytes and a per-GPU pipeline placement, without weights")
+    p.add_argument("--preset", help="a preset name (tiny, small, nano, super, ultra)")
+    p.add_argument("--config", type=Path, help="a config.json (or the directory holding it)")
+    p.add_argument("--checkpoint", type=Path, help="a checkpoint directory: bytes from its safetensors headers")
+    p.add_argument("--recipe", default=None, choices=["bf16", "fp8", "nano", "super", "ultra"],
+                   help="quantization recipe of --preset/--config (default bf16)")
     p.add_argument("--gpus", type=int, default=8)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--max-len", type=int, default=None,
+                   help="KV-cache capacity in tokens (default: the config's max_position_embeddings)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="tokens of one prefill forward (default 8192)")
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--weights", default="stored", choices=["stored", "float32"],
+                   help="stored formats, or BF16 upcast to float32 as load() does today")
+    p.add_argument("--draft-depth", type=int, default=0, help="MTP drafts per round (sizes the Mamba state history)")
+    p.add_argument("--margin-gib", type=float, default=2.0,
+                   help="reserve per device for the CUDA context, kernels and pool fragmentation (default 2)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_plan)
 

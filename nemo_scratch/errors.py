@@ -35,3 +35,13 @@ class BackendError(NemoScratchError, RuntimeError):
 
 class PlanError(NemoScratchError, ValueError):
     """A multi-GPU placement is impossible (the weights do not fit the stated memory)."""
+
+
+class DeviceError(NemoScratchError, ValueError):
+    """Arrays of two devices met in one operation (only an explicit transfer moves data between devices), or a
+    device index is out of range; the message names both devices."""
+
+
+class DeviceMemoryError(NemoScratchError, MemoryError):
+    """A device's memory budget would be exceeded; the message names the device, the request, what is in use
+    and the budget."""

@@ -3,12 +3,14 @@
 It lets CI, which has no GPU, run the cupy backend's real kernels and launchers (tests/test_cupy_emulated.py):
 
     with cuda_emu.installed():                  # sys.modules["cupy"] = the emulator, backend caches cleared
+                                                # (installed(devices=3): three emulated devices)
         be = nemo_scratch.backends.get_backend("cupy")
         y = be.to_numpy(be.rms_norm(be.asarray(x), be.asarray(w), 1e-5))
 
 emu.h       CUDA on the host: one fiber per CUDA thread, barriers and warp shuffles, checked (see its header)
 compiler.py .cu text -> C++ -> a g++-built shared library, cached on disk by hash
-device.py   the fake ``cupy`` module: guarded device arrays, RawModule, the checked kernel launch
+arrays.py   device arrays (guarded buffers), several devices and the current one, a memory pool per device
+device.py   the fake ``cupy`` module: RawModule, the checked kernel launch, cuda.Device, cuda.runtime
 
 Limits (README.md): correctness only, no timing; races beyond barriers are not detected; full-warp masks only.
 """
@@ -32,10 +34,11 @@ def precompile_kernels():
 
 
 @contextlib.contextmanager
-def installed():
-    """The emulator as ``cupy`` inside the block only: the previous sys.modules["cupy"] (if any) comes back
-    afterwards, and the cupy backend (nemo_scratch.backends._CACHE) and the loader's compiled modules are
-    forgotten on entry and on exit, so nothing emulated leaks into code that runs later."""
+def installed(devices=1):
+    """The emulator as ``cupy`` inside the block only, with ``devices`` emulated devices: the previous
+    sys.modules["cupy"] (if any) comes back afterwards, and the cupy backend (nemo_scratch.backends._CACHE) and
+    the loader's compiled modules are forgotten on entry and on exit, so nothing emulated leaks into code that
+    runs later."""
     from nemo_scratch import backends
     from nemo_scratch.backends.cupy import loader
 
@@ -44,7 +47,7 @@ def installed():
         loader.get_module.cache_clear()
 
     previous = sys.modules.get("cupy")
-    fake = make_module()
+    fake = make_module(devices)
     forget()
     sys.modules["cupy"] = fake
     try:

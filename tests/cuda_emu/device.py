@@ -1,175 +1,43 @@
-"""The emulated device behind the fake ``cupy`` module: device arrays, RawModule kernels and their launch.
-
-Device arrays are NumPy arrays of the subclass ``ndarray`` (its ``__module__`` is "cupy", so
-nemo_scratch.ops.common.get_xp hands the reference ops the fake module, as it would the real one). Memory
-from ``empty``/``zeros``/``asarray``/``ascontiguousarray`` sits in a buffer aligned to 256 bytes (cudaMalloc's
-alignment) between two 256-byte guards; fresh memory and guards hold 0xFF bytes (NaN as float, -1 as int), so
-an output element a kernel never writes shows up as NaN, a read past the end as NaN, and a write past the end
-(or before the start) fails the launch. As with CuPy, NumPy functions and operators on device arrays give
-device arrays, and mixing a host numpy array into them raises TypeError.
+"""The fake ``cupy`` module: RawModule kernels and their checked launch, ``cuda.Device``, ``cuda.runtime``; the
+device arrays and their memory live in arrays.py.
 
 A kernel launch is checked as CuPy's ABI needs it: grid/block/shared-memory limits of an sm_90 device,
 one argument per parameter, device arrays of the parameter's dtype and C-contiguous for pointers, numpy
 scalars of exactly the parameter's type for scalars (CuPy passes a Python int as a 64-bit long long and a
 Python float as a double), a 64-bit zero (``numpy.uint64(0)``) for a null pointer and never ``None`` (CuPy
-passes None as 0xffffffff, cupy issue #9046).
+passes None as 0xffffffff, cupy issue #9046). With several devices (``make_module(devices=N)``), every
+pointer argument must be on the current device: a kernel launched under the wrong ``cupy.cuda.Device`` is
+the classic multi-GPU bug, and the launch fails naming both devices.
 """
 
 import ctypes
 import functools
 import importlib.machinery
 import types
-import weakref
 
 import numpy as np
 
+from .arrays import (FILL, GUARDED, MemoryPool, OutOfMemoryError, Runtime, asnumpy, ndarray, operand_device, owner,
+                     to_device)
 from .compiler import EmulatorError, build, parse_kernels
 
-GUARD = 256                 # bytes before and after every allocation
-FILL = 0xFF                 # fresh memory and guards
 SM_COUNT = 132              # an H100 SXM (the decode split-K plan reads it)
 SMEM_DEFAULT = 48 * 1024    # dynamic shared memory a kernel may use without the opt-in attribute
 SMEM_OPTIN = 227 * 1024     # sm_90's opt-in maximum
 _CTYPES = {"float32": ctypes.c_float, "float64": ctypes.c_double, "int32": ctypes.c_int32,
            "uint32": ctypes.c_uint32, "int64": ctypes.c_int64, "uint64": ctypes.c_uint64, "uint8": ctypes.c_uint8,
            "int8": ctypes.c_int8, "int16": ctypes.c_int16, "uint16": ctypes.c_uint16, "bool": ctypes.c_bool}
-_GUARDED = {}               # id(owning buffer) -> (start, nbytes) of the array inside it
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Device arrays
-
-class _Pointer:
-    def __init__(self, ptr):
-        self.ptr = ptr
-
-
-def _plain(a):
-    return a.view(np.ndarray) if isinstance(a, ndarray) else a
-
-
-def _items(args):
-    """The arguments and the items of list/tuple arguments (np.concatenate([a, b]))."""
-    for a in args:
-        yield from (a if isinstance(a, (list, tuple)) else (a,))
-
-
-def _refuse_host_arrays(what, args):
-    for a in _items(args):
-        if isinstance(a, np.ndarray) and not isinstance(a, ndarray):
-            raise TypeError(f"{what}: a host numpy array {a.shape} {a.dtype} is mixed with device arrays; CuPy "
-                            "refuses that (move it with cupy.asarray first)")
-
-
-def _to_device(result):
-    """Plain NumPy results -> device arrays (views, no copy), through tuples and lists."""
-    if type(result) is np.ndarray:
-        return result.view(ndarray)
-    if type(result) in (tuple, list):
-        return type(result)(_to_device(r) for r in result)
-    return result
-
-
-class ndarray(np.ndarray):
-    """A device array (cupy.ndarray's stand-in): ``.data.ptr``, ``.get()``; NumPy calls give device arrays."""
-
-    __module__ = "cupy"
-
-    @property
-    def data(self):
-        return _Pointer(self.ctypes.data)
-
-    def get(self):
-        return asnumpy(self)
-
-    def __array_ufunc__(self, ufunc, method, *inputs, out=None, **kwargs):
-        _refuse_host_arrays(f"numpy.{ufunc.__name__}", inputs + (out or ()))
-        if out is not None:
-            kwargs["out"] = tuple(_plain(o) for o in out)
-        result = getattr(ufunc, method)(*(_plain(a) for a in inputs), **kwargs)
-        if out is not None:
-            return out[0] if len(out) == 1 else out
-        return _to_device(result)
-
-    def __array_function__(self, func, types_, args, kwargs):
-        _refuse_host_arrays(f"numpy.{func.__name__}", (*args, *kwargs.values()))
-
-        def plain(a):
-            return type(a)(_plain(x) for x in a) if type(a) in (list, tuple) else _plain(a)
-
-        return _to_device(func(*(plain(a) for a in args), **{k: plain(v) for k, v in kwargs.items()}))
-
-
-def _allocate(shape, dtype):
-    """A device array filled with 0xFF bytes, 256-byte aligned, between two guards (see the module docstring)."""
-    shape = (int(shape),) if np.ndim(shape) == 0 else tuple(int(s) for s in shape)
-    dtype = np.dtype(dtype)
-    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    raw = np.full(nbytes + 2 * GUARD + 256, FILL, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 256 + GUARD
-    _GUARDED[id(raw)] = (start, nbytes)
-    weakref.finalize(raw, _GUARDED.pop, id(raw), None)
-    return raw[start:start + nbytes].view(dtype).reshape(shape).view(ndarray)
-
-
-def _owner(a):
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
 
 
 def _check_guards(kernel, name, a):
     """EmulatorError if the guards around device array ``a``'s buffer were written."""
-    raw = _owner(a)
-    if id(raw) not in _GUARDED:
+    raw = owner(a)
+    if id(raw) not in GUARDED:
         return  # memory NumPy allocated (an operator's result): no guards to check
-    start, nbytes = _GUARDED[id(raw)]
+    start, nbytes = GUARDED[id(raw)]
     if np.any(raw[:start] != FILL) or np.any(raw[start + nbytes:] != FILL):
         raise EmulatorError(f"kernel {kernel} wrote outside the buffer of argument {name!r} "
                             f"({a.dtype} {list(a.shape)}: {nbytes} bytes)")
-
-
-def empty(shape, dtype=float):
-    return _allocate(shape, dtype)
-
-
-def zeros(shape, dtype=float):
-    out = _allocate(shape, dtype)
-    out[...] = 0
-    return out
-
-
-def empty_like(a, dtype=None):
-    return _allocate(a.shape, dtype or a.dtype)
-
-
-def zeros_like(a, dtype=None):
-    return zeros(a.shape, dtype or a.dtype)
-
-
-def array(a, dtype=None):
-    """A copy on the device (host to device for a numpy array)."""
-    src = _plain(a) if isinstance(a, ndarray) else np.asarray(a, dtype=dtype)
-    out = _allocate(src.shape, dtype or src.dtype)
-    out.view(np.ndarray)[...] = src
-    return out
-
-
-def asarray(a, dtype=None):
-    if isinstance(a, ndarray) and (dtype is None or np.dtype(dtype) == a.dtype):
-        return a
-    return array(a, dtype)
-
-
-def ascontiguousarray(a, dtype=None):
-    if isinstance(a, ndarray) and a.flags.c_contiguous and (dtype is None or np.dtype(dtype) == a.dtype):
-        return a
-    return array(np.ascontiguousarray(_plain(a)), dtype)
-
-
-def asnumpy(a):
-    """Device to host: a plain numpy copy."""
-    return np.array(_plain(a), copy=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -236,6 +104,10 @@ class Function:
             if not isinstance(a, ndarray):
                 raise EmulatorError(f"{where} got {type(a).__name__}: expected a device array (a host array "
                                     "must be moved with cupy.asarray)")
+            if a._rt is not None and a._dev != a._rt.current:
+                raise EmulatorError(f"{where} is on device {a._dev} but the launch is on device {a._rt.current} "
+                                    f"(the current device): enter cupy.cuda.Device({a._dev}) to launch there, or copy "
+                                    f"the array with cupy.asarray under cupy.cuda.Device({a._rt.current})")
             if a.dtype != np.dtype(p.dtype) or not a.flags.c_contiguous:
                 raise EmulatorError(f"{where} got a {'' if a.flags.c_contiguous else 'non-contiguous '}{a.dtype} "
                                     f"array: the kernel reads it as contiguous {p.dtype}")
@@ -271,14 +143,39 @@ class Function:
 # The module
 
 class Device:
-    """cupy.cuda.Device(0): the attributes the launchers read."""
+    """cupy.cuda.Device(k): a context manager making k current, ``.id``, ``.use()``, the attributes the launchers
+    read. ``Device()`` is the current device. Each fake module has its own subclass bound to its Runtime."""
 
-    id = 0
+    _rt = None
     compute_capability = "90"
 
-    def __init__(self, device=0):
-        if device != 0:
-            raise EmulatorError(f"cupy.cuda.Device({device}): the emulator has device 0 only")
+    def __init__(self, device=None):
+        rt = self._rt
+        device = rt.current if device is None else device
+        if isinstance(device, bool) or not isinstance(device, (int, np.integer)) or not 0 <= device < rt.count:
+            raise EmulatorError(f"cupy.cuda.Device({device!r}): the emulator has {rt.count} device(s), 0.."
+                                f"{rt.count - 1} (more with cuda_emu.installed(devices=N))")
+        self.id = int(device)
+
+    def __enter__(self):
+        self._rt.stack.append(self.id)
+        return self
+
+    def __exit__(self, *exc):
+        self._rt.stack.pop()
+
+    def use(self):
+        """Make this device current until another use() or the end of the enclosing ``with`` block."""
+        self._rt.stack[-1] = self.id
+
+    def __eq__(self, other):
+        return isinstance(other, Device) and other._rt is self._rt and other.id == self.id
+
+    def __hash__(self):
+        return hash((id(self._rt), self.id))
+
+    def __repr__(self):
+        return f"<CUDA Device {self.id}>"
 
     @property
     def attributes(self):
@@ -289,30 +186,45 @@ class Device:
         """Nothing to wait for: every emulated launch has finished when it returns."""
 
 
-def _forward(name):
-    """Module __getattr__: every other name is NumPy's, functions returning device arrays."""
-    if name.startswith("__"):
-        raise AttributeError(name)
-    attr = getattr(np, name)
-    if isinstance(attr, (type, np.ufunc)) or not callable(attr):
-        return attr
+def _forwarder(rt):
+    """Module __getattr__: every other name is NumPy's; functions give arrays on their operands' device (on
+    the current device when they take none: cupy.arange)."""
 
-    @functools.wraps(attr)
-    def on_device(*args, **kwargs):
-        return _to_device(attr(*args, **kwargs))
+    def forward(name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(np, name)
+        if isinstance(attr, (type, np.ufunc)) or not callable(attr):
+            return attr
 
-    return on_device
+        @functools.wraps(attr)
+        def on_device(*args, **kwargs):
+            _, k = operand_device(f"cupy.{name}", (*args, *kwargs.values()))
+            return to_device(attr(*args, **kwargs), rt, rt.current if k is None else k)
+
+        return on_device
+
+    return forward
 
 
-def make_module():
-    """A fresh ``cupy`` module object backed by this emulator."""
+def make_module(devices=1):
+    """A fresh ``cupy`` module object backed by this emulator, with ``devices`` devices (device 0 current)."""
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise EmulatorError(f"make_module(devices={devices!r}): expected a positive number of devices")
+    rt = Runtime(devices, Device)
     mod = types.ModuleType("cupy", "CPU emulation of the CuPy subset nemo_scratch uses (tests/cuda_emu).")
     mod.__spec__ = importlib.machinery.ModuleSpec("cupy", None)
-    for name in ("ndarray", "empty", "zeros", "empty_like", "zeros_like", "array", "asarray", "ascontiguousarray",
-                 "asnumpy", "RawModule"):
-        setattr(mod, name, globals()[name])
-    mod.cuda = types.SimpleNamespace(
-        Device=Device, runtime=types.SimpleNamespace(getDeviceCount=lambda: 1, deviceSynchronize=lambda: None))
-    mod.__getattr__ = _forward
+    for name, fn in rt.functions().items():
+        setattr(mod, name, fn)
+    mod.ndarray, mod.asnumpy, mod.RawModule = ndarray, asnumpy, RawModule
+    pool = MemoryPool(rt)
+    mod.get_default_memory_pool = lambda: pool
+    runtime = types.SimpleNamespace(getDeviceCount=lambda: rt.count, deviceSynchronize=lambda: None,
+                                    getDevice=lambda: rt.current, setDevice=lambda k: rt.Device(k).use())
+    mod.cuda = types.SimpleNamespace(Device=rt.Device, runtime=runtime, MemoryPool=MemoryPool,
+                                     memory=types.SimpleNamespace(OutOfMemoryError=OutOfMemoryError),
+                                     get_device_id=lambda: rt.current)
+    mod.__getattr__ = _forwarder(rt)
     mod.is_cuda_emulator = True
+    mod.emulator_runtime = rt
     return mod

@@ -1,8 +1,10 @@
 """The CUDA emulator's own promises (README.md), each checked: it runs barriers, shuffles and shared memory
 right, and every misuse it claims to catch is caught as an error (or shows as NaN), never a crash or a silent
-pass. Uses a private fake-cupy module object (device.make_module()): nothing is put in sys.modules here.
+pass. Uses private fake-cupy module objects (device.make_module(), one or three devices): nothing is put in
+sys.modules here.
 """
 
+import gc
 import os
 import subprocess
 import sys
@@ -172,3 +174,85 @@ def test_the_emulated_cupy_does_not_leak():
     done = subprocess.run([sys.executable, "-c", code], cwd=TESTS, capture_output=True, text=True, check=False,
                           env={**os.environ, "PYTHONPATH": str(TESTS)})
     assert done.returncode == 0, done.stderr
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Several devices
+
+@pytest.fixture
+def cp3():
+    """A fresh emulated cupy with three devices (device 0 current)."""
+    return make_module(devices=3)
+
+
+def test_devices_current_device_and_per_device_allocation(cp3):
+    assert cp3.cuda.runtime.getDeviceCount() == 3 and cp3.cuda.Device().id == 0
+    pool = cp3.get_default_memory_pool()
+    with cp3.cuda.Device(2) as dev:
+        assert dev.id == 2 and cp3.cuda.Device().id == 2 and cp3.cuda.runtime.getDevice() == 2
+        x = cp3.zeros(4, dtype=np.float32)
+        with cp3.cuda.Device(1):
+            assert cp3.cuda.Device().id == 1
+        y = x + np.float32(1)                      # an operation's result: same device, charged there
+        assert pool.used_bytes() == 32             # x and y; the guards are not counted
+    assert x.device.id == 2 and y.device.id == 2 and x.device == cp3.cuda.Device(2)
+    assert cp3.cuda.Device().id == 0 and pool.used_bytes() == 0
+    del x, y
+    gc.collect()
+    with cp3.cuda.Device(2):
+        assert pool.used_bytes() == 0
+    with pytest.raises(cuda_emu.EmulatorError, match="has 3 device"):
+        cp3.cuda.Device(3)
+
+
+def test_asarray_under_another_device_copies(cp3):
+    with cp3.cuda.Device(2):
+        x = cp3.asarray(np.arange(12, dtype=np.float32).reshape(3, 4))
+    with cp3.cuda.Device(1):
+        y = cp3.asarray(x)
+        assert y.device.id == 1 and cp3.get_default_memory_pool().used_bytes() == 48
+        with pytest.raises(NotImplementedError, match="non-contiguous"):   # CuPy's cross-device copy rule
+            cp3.asarray(x[:, 1:])
+    assert np.array_equal(cp3.asnumpy(y), cp3.asnumpy(x)) and y.ctypes.data != x.ctypes.data
+    assert cp3.asarray(x) is not x and cp3.asarray(cp3.asarray(x)).device.id == 0
+    assert cp3.emulator_runtime.copies == {(2, 1): {"count": 1, "bytes": 48}, (2, 0): {"count": 2, "bytes": 96}}
+
+
+def test_numpy_ops_mixing_devices_fail_naming_both(cp3):
+    """A deliberate difference from CuPy (which would enable peer access): every unplanned hop is an error."""
+    x = cp3.ones(4, dtype=np.float32)
+    with cp3.cuda.Device(1):
+        y = cp3.ones(4, dtype=np.float32)
+        with pytest.raises(cuda_emu.EmulatorError, match="device 0 but the current device is 1"):
+            x * 2
+    with pytest.raises(cuda_emu.EmulatorError, match="device 0 and device 1"):
+        x + y
+    with pytest.raises(cuda_emu.EmulatorError, match="device 0 and device 1"):
+        cp3.concatenate([x, y])
+    assert (x + x).device.id == 0 and cp3.arange(3).device.id == 0
+
+
+def test_kernel_launch_refuses_a_pointer_from_another_device(cp3):
+    checks = cp3.RawModule(code=CHECKS_CU, options=("-std=c++17",))
+    kernel = checks.get_function("block_sums")
+    x = np.arange(64, dtype=np.float32)
+    with cp3.cuda.Device(1):
+        x1, out1 = cp3.asarray(x), cp3.empty(1, dtype=np.float32)
+    out0 = cp3.empty(1, dtype=np.float32)
+    with pytest.raises(cuda_emu.EmulatorError, match="argument 'x'.* on device 1 but the launch is on device 0"):
+        kernel((1,), (64,), (x1, out0, np.int32(64)))
+    with cp3.cuda.Device(1):
+        kernel((1,), (64,), (x1, out1, np.int32(64)))
+    assert cp3.asnumpy(out1)[0] == x.sum()
+
+
+def test_memory_pool_limit_per_device(cp3):
+    pool = cp3.get_default_memory_pool()
+    with cp3.cuda.Device(1):
+        pool.set_limit(size=1024)
+        kept = cp3.empty(200, dtype=np.float32)                  # 800 bytes
+        with pytest.raises(cp3.cuda.memory.OutOfMemoryError, match="limit set to: 1,024"):
+            cp3.empty(100, dtype=np.float32)                     # 800 + 400 > 1024
+        assert pool.get_limit() == 1024 and pool.used_bytes() == 800 and kept.device.id == 1
+    big = cp3.empty(1000, dtype=np.float32)                      # device 0 has no limit
+    assert pool.get_limit() == 0 and pool.used_bytes() == 4000 and big.size == 1000

@@ -1,0 +1,81 @@
+"""Devices for a pipeline-placed model: every array belongs to one device, and only ``to`` moves data.
+
+One small interface, two implementations (the streaming loader and the pipeline runner are written against it):
+
+    devices.n                       number of devices
+    with devices.use(k): ...        device k is current: ``devices.xp`` allocates there (caches: pass
+                                    ``xp=devices.xp`` to model/blocks.new_layer_cache); on CUDA kernels launch there
+    devices.to(k, x, name=None)     x (an array, or a packed NVFP4Weight / FP8Weight) on device k; a copy unless
+                                    it is there already; counted in ``devices.transfers``
+    devices.to_host(x)              a NumPy copy of device data (counted, destination "host")
+    devices.device_of(x)            the device index of x, or None for host data
+    devices.used(k), devices.peak(k)   bytes
+    devices.transfers               {(src, dst): {"count": int, "bytes": int}}, src/dst a device index or "host"
+
+``VirtualDevices`` (devices.py) backs each device with NumPy, so the whole runner runs on a CPU;
+``CupyDevices`` (cupy_devices.py) maps device k to ``cupy.cuda.Device(k)``.
+
+This module holds what both share (``DeviceSet``); each implements ``_array_device``, ``_here`` and the two
+copies, and its own ``use``, ``used`` and ``peak``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import DeviceError
+from ..ops.quant import FP8Weight, NVFP4Weight, map_arrays
+
+HOST = "host"
+
+
+class DeviceSet:
+    """What VirtualDevices and CupyDevices share: device indices, packed weights field by field, the counts."""
+
+    n: int
+    transfers: dict
+
+    def check(self, k) -> int:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 0 <= k < self.n:
+            raise DeviceError(f"device {k!r} does not exist: this {type(self).__name__} has devices 0..{self.n - 1}")
+        return int(k)
+
+    def device_of(self, x):
+        """The device index of x (an array or a packed weight), None for host data."""
+        if isinstance(x, (NVFP4Weight, FP8Weight)):
+            found = {self.device_of(v) for v in vars(x).values() if v is not None}
+            if len(found) > 1:
+                raise DeviceError(f"a {type(x).__name__} has fields on several devices: {sorted(found, key=str)}")
+            return found.pop() if found else None
+        return self._array_device(x)
+
+    def to(self, k, x, name=None):
+        """x on device k (packed weights field by field); no copy when it is there already; counted."""
+        k = self.check(k)
+        if isinstance(x, (NVFP4Weight, FP8Weight)):
+            return map_arrays(x, lambda a: self.to(k, a, name))
+        src = self._array_device(x)
+        if src == k:
+            return self._here(k, x, name)
+        out = self._copy(k, x, src, name)
+        self._count(HOST if src is None else src, k, out.nbytes)
+        return out
+
+    def to_host(self, x):
+        """A host NumPy copy of device data (host data comes back as it is, uncounted)."""
+        if isinstance(x, (NVFP4Weight, FP8Weight)):
+            return map_arrays(x, self.to_host)
+        src = self._array_device(x)
+        if src is None:
+            return np.asarray(x)
+        out = self._copy_to_host(x, src)
+        self._count(src, HOST, out.nbytes)
+        return out
+
+    def transfer_count(self) -> int:
+        return sum(t["count"] for t in self.transfers.values())
+
+    def _count(self, src, dst, nbytes):
+        row = self.transfers.setdefault((src, dst), {"count": 0, "bytes": 0})
+        row["count"] += 1
+        row["bytes"] += int(nbytes)

@@ -1,0 +1,132 @@
+"""What a unit needs on its device besides its weights: KV cache, Mamba states, prefill activations.
+
+Every figure is bytes, computed from the config's shapes and the run's sizes (``RunShape``), never measured.
+The planner (plan.py) adds, per device, the resident reserves of its units (KV + states), the LARGEST
+activation peak among them (layers run one at a time, so their temporaries never coexist) and a fixed
+context margin.
+
+Conventions (glossary letters, docs/glossary.md; N = b * t tokens of one prefill chunk):
+- KV cache: preallocated to ``max_len`` positions in the cache dtype, K and V for every attention layer, the
+  MTP head's attention layer included: 2 * b * max_len * kv * dh * itemsize.
+  Deviation: model/blocks.py grows K/V with concatenate today (a transient 2x at every step); the pipeline
+  runner preallocates, and this reserve assumes it.
+- Mamba state, float32: conv [b, c, w] + SSM [b, h, p, n] per layer (the [b, c, w] layout of model/cache.py;
+  vLLM keeps w - 1 taps). With speculative decoding (``draft_depth`` > 0) the verification forward records one
+  copy per verified token, draft_depth + 1 of them (model/cache.py ``record``).
+- Activations, float32, for one prefill chunk of ``prefill_chunk`` tokens: a conservative sum of the
+  temporaries of the reference code path, as if all were alive at once (the real peak is lower):
+  every layer    the residual h, the normed input, the mixer output, h + y: 4 N d
+  mamba          zxbcdt N (i + c + h); conv 3 N c (state|x concat, output, its contiguous copy); dt 2 N h;
+                 SSD chunk tensors 4 b h nc q^2 (segsum's two temporaries, L, M = CB * L) + b nc g q^2 (CB)
+                 + 4 b nc q i (Y_diag, X*decay, Y_off, y) + 2 b (nc + 1) h p n (chunk states in and out);
+                 gated norm 3 N i; with q = chunk_size, nc = ceil(t / q)
+  attention      q, k, v N (q + 2 kv) dh; scores 3 b q tile s (scores, exp, probs) for a query tile whose
+                 [b, q, tile, s] score tensor stays within SCORE_TILE_BYTES (s = max_len, the worst case);
+                 the output 2 N q dh (and its [b, t, q*dh] copy)
+                 Deviation: ops/attention.gqa_attention materialises [b, kv, r, t, s] at once; the runner
+                 tiles the queries, and this reserve assumes it.
+  moe            router 3 N e (logits, sigmoid, selection scores) + N k 12 B (int64 ids, float32 weights);
+                 fc1 output N l; per (token, expert) pair (P = N k): up output and its relu^2 P 2f, down
+                 output P l; the routed sum N l; fc2 output N d; shared expert 2 N f_shared + N d
+  mlp            2 N f + N d
+  embedding      the gathered rows N d and the int64 ids N 8 B
+  head           norm_f output N d, the logits of the LAST position only b v (generation asks for no more)
+  mtp            the largest of its blocks, plus enorm/hnorm outputs 2 N d, their concat 2 N d, eh_proj N d,
+                 final norm N d and last-position logits b v
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+CACHE_DTYPES = {"float32": 4, "bfloat16": 2}
+STATE_ITEMSIZE = 4            # conv and SSM states are float32 (NVIDIA: "use float32 for all checkpoint precisions")
+ACTIVATION_ITEMSIZE = 4       # activations are float32 (DESIGN.md dtype policy)
+SCORE_TILE_BYTES = 256 * 2**20   # the attention runner's budget for one [b, q, tile, s] score tile
+
+
+@dataclass(frozen=True)
+class RunShape:
+    """The sizes a run is planned for (validated by plan.plan_placement)."""
+
+    max_len: int          # tokens of context a sequence may reach (KV cache capacity)
+    batch: int            # sequences decoded together
+    prefill_chunk: int    # tokens of one prefill forward (at most max_len)
+    cache_dtype: str      # "float32" | "bfloat16"
+    draft_depth: int      # MTP draft tokens per speculative round; 0 = no speculative decoding
+
+
+def kv_bytes(cfg, block, run: RunShape) -> int:
+    """K and V of one layer, preallocated to max_len positions: 2 * b * max_len * kv * dh * itemsize."""
+    if block != "attention":
+        return 0
+    return 2 * run.batch * run.max_len * cfg.num_key_value_heads * cfg.head_dim * CACHE_DTYPES[run.cache_dtype]
+
+
+def state_bytes(cfg, block, run: RunShape, record=True) -> int:
+    """Conv [b, c, w] + SSM [b, h, p, n] float32 of one Mamba layer, times 1 + (draft_depth + 1) when the
+    speculative verification records a state copy per verified token (``record``: backbone layers only)."""
+    if block != "mamba":
+        return 0
+    one = run.batch * (cfg.conv_dim * cfg.conv_kernel
+                       + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size) * STATE_ITEMSIZE
+    copies = 1 + (run.draft_depth + 1 if record and run.draft_depth > 0 else 0)
+    return one * copies
+
+
+def attention_tile(cfg, run: RunShape) -> int:
+    """Queries per attention tile: the largest power of two <= prefill_chunk whose [b, q, tile, max_len] float32
+    score tile fits SCORE_TILE_BYTES (at least 1)."""
+    row = run.batch * cfg.num_attention_heads * run.max_len * ACTIVATION_ITEMSIZE   # one query's scores
+    tile = 1
+    while tile * 2 <= run.prefill_chunk and tile * 2 * row <= SCORE_TILE_BYTES:
+        tile *= 2
+    return tile
+
+
+def _block_elements(cfg, block, run: RunShape) -> int:
+    """Float32 elements of one block's prefill temporaries (the module docstring lists each term)."""
+    b, t = run.batch, run.prefill_chunk
+    n_tok, d = b * t, cfg.hidden_size
+    common = 4 * n_tok * d
+    if block == "mamba":
+        h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+        i, c, q = cfg.mamba_intermediate, cfg.conv_dim, cfg.chunk_size
+        nc = -(-t // q)
+        ssd = 4 * b * h * nc * q * q + b * nc * g * q * q + 4 * b * nc * q * i + 2 * b * (nc + 1) * h * p * n
+        return common + n_tok * cfg.in_proj_out + 3 * n_tok * c + 2 * n_tok * h + ssd + 3 * n_tok * i
+    if block == "attention":
+        q, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        scores = 3 * b * q * attention_tile(cfg, run) * run.max_len
+        return common + n_tok * (q + 2 * kv) * dh + scores + 2 * n_tok * q * dh
+    if block == "moe":
+        e, k, f, l = cfg.n_routed_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size, cfg.moe_input_width
+        pairs = n_tok * k
+        router = 3 * n_tok * e + 3 * n_tok * k          # int64 ids count as two float32 slots, weights as one
+        shared = 2 * n_tok * (cfg.moe_shared_expert_intermediate_size or 0) + n_tok * d
+        return common + router + n_tok * l + pairs * (2 * f + l) + n_tok * l + n_tok * d + shared
+    if block == "mlp":
+        return common + 2 * n_tok * cfg.intermediate_size + n_tok * d
+    raise ValueError(block)
+
+
+def activation_bytes(cfg, kind, run: RunShape) -> int:
+    """Peak prefill temporaries while unit ``kind`` runs one chunk (a block type, "embedding", "head", "mtp")."""
+    n_tok, d = run.batch * run.prefill_chunk, cfg.hidden_size
+    if kind == "embedding":
+        return n_tok * d * ACTIVATION_ITEMSIZE + n_tok * 8
+    if kind == "head":
+        return (n_tok * d + run.batch * cfg.vocab_size) * ACTIVATION_ITEMSIZE
+    if kind == "mtp":
+        blocks = max(_block_elements(cfg, bt, run) for bt in cfg.mtp_layers_block_type)
+        return (blocks + 6 * n_tok * d + run.batch * cfg.vocab_size) * ACTIVATION_ITEMSIZE
+    return _block_elements(cfg, kind, run) * ACTIVATION_ITEMSIZE
+
+
+def unit_reserves(cfg, kind, run: RunShape) -> tuple:
+    """(kv, state, activation) bytes of one unit; the MTP head reserves for each of its own blocks."""
+    if kind == "mtp":
+        kv = sum(kv_bytes(cfg, bt, run) for bt in cfg.mtp_layers_block_type)
+        state = sum(state_bytes(cfg, bt, run, record=False) for bt in cfg.mtp_layers_block_type)
+        return kv, state, activation_bytes(cfg, kind, run)
+    return kv_bytes(cfg, kind, run), state_bytes(cfg, kind, run), activation_bytes(cfg, kind, run)
