@@ -17,7 +17,8 @@ from tolerances import assert_close
 import nemo_scratch
 from nemo_scratch.config import preset
 from nemo_scratch.errors import BackendError, DeviceError, DeviceMemoryError, InputError
-from nemo_scratch.model.blocks import new_layer_cache
+from nemo_scratch.model.cache import new_layer_state
+from nemo_scratch.ops.formats import arrays_of
 from nemo_scratch.model.model import Model
 from nemo_scratch.model.weights import map_tree
 from nemo_scratch.ops import norm, quant
@@ -150,12 +151,12 @@ def test_to_moves_packed_weights_field_by_field():
 def test_use_allocates_caches_on_the_current_device():
     d, cfg = VirtualDevices(2), preset("tiny")
     with d.use(1):
-        cache = new_layer_cache("mamba", cfg, 2, F32, xp=d.xp)
+        cache = new_layer_state("mamba", cfg, 2, F32, xp=d.xp)
         ramp = d.xp.arange(5)
         with d.use(0):
             assert d.xp.zeros(3).device == 0
-    assert cache["conv"].device == 1 and cache["ssm"].device == 1 and ramp.device == 1
-    assert cache["ssm"].shape == (2, 4, 8, 8) and not cache["ssm"].any()
+    assert cache.conv.device == 1 and cache.ssm.device == 1 and ramp.device == 1
+    assert cache.ssm.shape == (2, 4, 8, 8) and not cache.ssm.any()
     assert [e.name for e in d.ledger(1)] == ["zeros", "zeros", "arange"]
     assert d.namespace(0).ones((2, 2)).device == 0 and d.current is None
     with pytest.raises(DeviceError, match="no current device"):
@@ -183,8 +184,7 @@ def test_hostile_device_indices():
 
 def _leaves(tree):
     out = []
-    map_tree(tree, lambda a: out.extend(x for x in vars(a).values() if x is not None)
-             if isinstance(a, (quant.NVFP4Weight, quant.FP8Weight)) else out.append(a))
+    map_tree(tree, lambda a: out.extend(arrays_of(a)))
     return out
 
 
@@ -210,7 +210,7 @@ def test_a_tiny_model_on_one_virtual_device_is_bit_identical(checkpoints, recipe
     steps = [np.array_equal(model.forward(ids, cache), host.forward(ids, host_cache))]
     for tok in (4, 99, 200):
         steps.append(np.array_equal(model.forward([[tok]], cache), host.forward([[tok]], host_cache)))
-    assert all(steps) and cache.layers[0]["ssm"].device == 0 and cache.layers[1]["k"].device == 0
+    assert all(steps) and cache.layers[0].ssm.device == 0 and cache.layers[1].k.device == 0
     spec = model.generate([3, 1, 4, 1, 5], 6, mtp=True, draft_depth=2)
     assert np.array_equal(spec.ids, host.generate([3, 1, 4, 1, 5], 6).ids)
     assert d.peak(0) <= budget
@@ -316,7 +316,7 @@ def test_a_misplaced_array_is_a_visible_hop_or_a_refused_launch():
             hop = be.rms_norm(xd, wd, 1e-5)
             out = cp.empty(x.shape, dtype=F32)
             with pytest.raises(cuda_emu.EmulatorError, match="on device 1 but the launch is on device 0"):
-                get_kernel("norm.cu", "rms_norm_v1_naive")((3,), (64,), (xd, wd, out, i64(3), i32(40), F32(1e-5)))
+                get_kernel("norm.cu", "rms_norm_v1_block_per_group")((3,), (64,), (xd, wd, out, i64(3), i32(40), F32(1e-5)))
         assert hop.device.id == 0 and cp.emulator_runtime.copies == {(1, 0): {"count": 2, "bytes": 640}}
         assert (1, 0) not in cd.transfers
     assert_close(y, norm.rms_norm(x, w, 1e-5), "kernel_rms_norm", what="rms_norm on emulated device 1")

@@ -13,15 +13,21 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def get_xp(*arrays):
-    """The array module for these arrays: ``cupy`` if any is a CuPy array, else ``numpy``.
+    """The array module for these arrays: ``cupy`` if any is a CuPy array; the namespace an ndarray subclass
+    declares with ``__array_namespace__`` (parallel/devices.py's virtual-device arrays: NumPy allocating on
+    their device); else ``numpy``.
 
     Never imports CuPy unless a CuPy array is already in hand (so the reference needs NumPy alone).
     """
     for a in arrays:
-        if type(a).__module__.startswith("cupy"):
+        kind = type(a)
+        if kind.__module__.startswith("cupy"):
             import cupy
 
             return cupy
+        if kind is not np.ndarray and isinstance(a, np.ndarray) and \
+                getattr(kind, "__array_namespace__", None) is not np.ndarray.__array_namespace__:
+            return a.__array_namespace__()
     return np
 
 

@@ -133,6 +133,13 @@ def map_arrays(obj, fn):
     return fn(obj)
 
 
+def arrays_of(obj):
+    """Every array a weight holds: the array itself, a packed weight's fields, each expert's arrays of a bank."""
+    out = []
+    map_arrays(obj, lambda a: out.append(a) or a)
+    return out
+
+
 def stack_bank(bank, xp):
     """The bank as one stacked weight [e, out, in] of ``xp`` arrays, field by field (a GPU backend's upload:
     its grouped expert kernels read one stacked array). Packed fields stay packed."""

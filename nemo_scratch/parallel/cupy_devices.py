@@ -2,7 +2,7 @@
 
     devices = CupyDevices(8)                       # devices 0..7; CupyDevices(4, limit_bytes=80 * 2**30)
     with devices.use(3):                           # = with cupy.cuda.Device(3) (+ numba.cuda.gpus[3])
-        cache = new_layer_cache("attention", cfg, 1, np.float32, xp=devices.xp)
+        cache = new_layer_state("attention", cfg, 1, np.float32, xp=devices.xp)
     h = devices.to(4, h)                           # a device-to-device copy, counted
 
 - ``use(k)`` enters ``cupy.cuda.Device(k)``: CuPy allocates on the current device and launches kernels

@@ -4,7 +4,7 @@ One small interface, two implementations (the streaming loader and the pipeline 
 
     devices.n                       number of devices
     with devices.use(k): ...        device k is current: ``devices.xp`` allocates there (caches: pass
-                                    ``xp=devices.xp`` to model/blocks.new_layer_cache); on CUDA kernels launch there
+                                    ``xp=devices.xp`` to model/cache.new_layer_state); on CUDA kernels launch there
     devices.to(k, x, name=None)     x (an array, or a packed NVFP4Weight / FP8Weight) on device k; a copy unless
                                     it is there already; counted in ``devices.transfers``
     devices.to_host(x)              a NumPy copy of device data (counted, destination "host")
@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import DeviceError
-from ..ops.quant import FP8Weight, NVFP4Weight, map_arrays
+from ..ops.formats import arrays_of, is_packed, map_arrays
 
 HOST = "host"
 
@@ -42,17 +42,18 @@ class DeviceSet:
 
     def device_of(self, x):
         """The device index of x (an array or a packed weight), None for host data."""
-        if isinstance(x, (NVFP4Weight, FP8Weight)):
-            found = {self.device_of(v) for v in vars(x).values() if v is not None}
+        if is_packed(x):
+            found = {self._array_device(v) for v in arrays_of(x)}
             if len(found) > 1:
                 raise DeviceError(f"a {type(x).__name__} has fields on several devices: {sorted(found, key=str)}")
             return found.pop() if found else None
         return self._array_device(x)
 
     def to(self, k, x, name=None):
-        """x on device k (packed weights field by field); no copy when it is there already; counted."""
+        """x on device k (stored weights and expert banks array by array); no copy when it is there already;
+        counted."""
         k = self.check(k)
-        if isinstance(x, (NVFP4Weight, FP8Weight)):
+        if is_packed(x):
             return map_arrays(x, lambda a: self.to(k, a, name))
         src = self._array_device(x)
         if src == k:
@@ -63,7 +64,7 @@ class DeviceSet:
 
     def to_host(self, x):
         """A host NumPy copy of device data (host data comes back as it is, uncounted)."""
-        if isinstance(x, (NVFP4Weight, FP8Weight)):
+        if is_packed(x):
             return map_arrays(x, self.to_host)
         src = self._array_device(x)
         if src is None:

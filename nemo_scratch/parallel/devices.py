@@ -3,7 +3,7 @@
     devices = VirtualDevices(3, budget_bytes=[2**30, 2**30, 2**29])
     h = devices.to(0, host_array, name="hidden")      # a DeviceArray on device 0, charged to its budget
     with devices.use(1):
-        cache = new_layer_cache("attention", cfg, 1, np.float32, xp=devices.xp)   # allocated on device 1
+        cache = new_layer_state("attention", cfg, 1, np.float32, xp=devices.xp)   # allocated on device 1
     model = Model(cfg, params_on_0, backend=devices.backend(0))                  # a model run on device 0
 
 An array on device k is a ``DeviceArray``, an ndarray subclass tagged with k. Its memory is
@@ -88,6 +88,10 @@ class DeviceArray(np.ndarray):
     def device(self) -> int:
         return self._device
 
+    def __array_namespace__(self, api_version=None):
+        """The array module ops use for this array (ops/common.py::get_xp): NumPy with allocations on its device."""
+        return self._set.namespace(self._device)
+
     def __array_finalize__(self, obj):
         self._devices = getattr(obj, "_devices", None)
         self._device = getattr(obj, "_device", None)
@@ -142,6 +146,7 @@ class VirtualDevices(DeviceSet):
         self.budgets = [None if b is None else int(b) for b in budgets]
         self.strict_host = bool(strict_host)
         self.transfers = {}
+        self.constants = 0   # host constants an op made on a device through its namespace (see _Namespace.asarray)
         self.xp = _Namespace(self)
         self._used, self._peak = [0] * n, [0] * n
         self._live = [{} for _ in range(n)]    # per device: {id(owner): LedgerEntry}, in allocation order
@@ -322,8 +327,16 @@ class _Namespace:
         return k
 
     def asarray(self, a, dtype=None):
+        """Device data as it is (or a copy from another device, counted as a transfer); host data becomes a
+        device constant, counted in ``devices.constants`` rather than as a transfer: an op's lookup table or
+        mask (what CuPy uploads the same way), not data the runner moves."""
         k = self._here("asarray")
-        out = self._devices.to(k, a)
+        if self._devices._array_device(a) is None and not isinstance(a, DeviceArray):
+            host = np.asarray(a)
+            self._devices.constants += 1
+            out = self._devices._tag(np.array(host, copy=True, order="C"), k, "asarray")
+        else:
+            out = self._devices.to(k, a)
         return out if dtype is None or out.dtype == np.dtype(dtype) else out.astype(dtype)
 
     array = asarray
