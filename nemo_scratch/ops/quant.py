@@ -12,7 +12,7 @@ from .common import check_float, get_xp
 from .contracts import (check_bf16_decode, check_bf16_matmul, check_codes, check_dense_matmul, check_e2m1_decode,
                         check_e4m3_decode, check_fp8_dequantize, check_fp8_matmul, check_nvfp4_dequantize,
                         check_nvfp4_matmul)
-from .formats import BF16Weight, FP8Weight, NVFP4Weight, map_arrays  # noqa: F401  (the containers, re-exported)
+from .formats import BF16Weight, ExpertBank, FP8Weight, NVFP4Weight, map_arrays  # noqa: F401  (re-exported)
 
 
 # ================================================================================================ codecs
