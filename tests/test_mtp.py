@@ -1,4 +1,4 @@
-"""MTP head and speculative decoding (issue 5): lossless greedy, exact rollback, logits from the spec formula."""
+"""MTP head and speculative decoding: lossless greedy, exact rollback, logits from the spec formula."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""A quantized tiny model (issue 4): quantize -> load -> forward equals forward on the dequantized weights,
+"""A quantized tiny model: quantize -> load -> forward equals forward on the dequantized weights,
 and inspect's byte accounting equals the plan's prediction from the config alone."""
 
 import json

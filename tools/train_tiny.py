@@ -1,4 +1,4 @@
-"""Train the bundled tiny Nemotron 3 (issue 7) on CPU and ship it as nemo_scratch/data/nemotron3-tiny.
+"""Train the bundled tiny Nemotron 3 on CPU and ship it as nemo_scratch/data/nemotron3-tiny.
 
 Every Nemotron 3 ingredient at toy size: Mamba-2, GQA attention, LatentMoE (shared expert + 32 small routed
 experts, top-4, latent width < d_model, sigmoid router with an aux-loss-free balancing bias), one MTP layer
