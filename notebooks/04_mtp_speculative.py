@@ -37,8 +37,8 @@
 #
 # With greedy verification a draft is kept only if it is exactly the backbone's argmax, so the output is
 # exactly plain greedy decoding: only the number of backbone passes changes. Whether that makes decoding
-# *faster* depends on what a draft step and a verify pass cost next to a plain decode step: section 4 measures
-# it, models it, and says what the model predicts for Ultra.
+# *faster* depends on what a draft step and a verify pass cost next to a plain decode step: sections 3 to 5
+# measure that, model it, and say what the model predicts for Ultra.
 
 # %%
 import tempfile
