@@ -95,9 +95,9 @@ for depth, spec in runs.items():
           f"{spec.tokens_per_s:>10.0f}{measured[depth]:>15.2f}x   {per}")
 best = max(measured, key=measured.get)
 saved = runs[best].stats["forward_passes_saved"]
-verdict = "faster than" if measured[best] > 1.05 else "slower than" if measured[best] < 0.95 else "as fast as"
+verdict = "faster than" if measured[best] > 1.05 else "slower than" if measured[best] < 0.95 else "about as fast as"
 print(f"\nbest: depth {best} saves {saved} of {N} backbone passes ({saved / N:.0%}) and decodes at "
-      f"{measured[best]:.2f}x the plain speed: about {verdict} plain decoding in wall-clock time on this machine")
+      f"{measured[best]:.2f}x the plain speed: {verdict} plain decoding in wall-clock time on this machine")
 
 # %% [markdown]
 # Acceptance at depth $j$ is the share of rounds in which drafts $1..j$ were *all* accepted, out of the rounds
