@@ -36,8 +36,10 @@ test-fast: $(VENV)/.dev
 test-gpu: $(VENV)/.dev
 	$(PY) -m pytest -q -m gpu tests
 
+# Execute every notebooks/NN_*.py source and write its .ipynb with the outputs (committed: readable without
+# running anything). Run it after editing a notebook; tests/test_notebooks_pairing.py fails on a stale one.
 notebooks: $(VENV)/.dev
-	$(VENV)/bin/jupytext --sync notebooks/*.py
+	$(PY) tools/execute_notebooks.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis

@@ -1,6 +1,6 @@
 """NemotronConfig: the model geometry, read from a Hugging Face ``config.json`` and validated.
 
-Spec: shared/reference/nemotron3-architecture.md sections 1 and 8.
+Spec: docs/spec.md sections 1 (the fields) and 8 (the real configurations).
 
 Both spellings of the layer pattern are accepted:
 - new transformers: ``layers_block_type = ["mamba"|"linear_attention", "moe", "attention"|"full_attention", "mlp"]``

@@ -42,12 +42,15 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 import nemo_scratch
+from nemo_scratch.exercises import check_half_lives, check_sequential_scan
 from nemo_scratch.model.blocks import block
 from nemo_scratch.ops.linear import linear
 from nemo_scratch.ops.norm import rms_norm
 from nemo_scratch.ops.ssd import discretize_dt, segsum, ssd_scan_chunked, ssd_scan_sequential
 
 rng = np.random.default_rng(0)
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
+                     "ytick.labelsize": 8, "legend.fontsize": 8})
 
 # %% [markdown]
 # ## 1. Recurrence vs chunked SSD
@@ -111,15 +114,18 @@ y1, _ = ssd_scan_chunked(x1, dt1, A1, B1, C1, chunk=q)
 M = (C1[0, :, 0] @ B1[0, :, 0].T) * np.exp(segsum(dt1[0, :, 0] * A1[0]))   # [q, q]
 assert np.allclose(y1[0, :, 0], M @ (dt1[0] * x1[0, :, 0]), rtol=1e-10, atol=1e-12)
 
-fig, axes = plt.subplots(1, 2, figsize=(7, 3))
+fig, axes = plt.subplots(1, 2, figsize=(8, 3.3))
 lim = np.abs(M).max()
-for ax, mat, title, style in ((axes[0], L, "L = exp(segsum(dt A))", dict(cmap="viridis")),
-                              (axes[1], M, "M = (C B^T) * L", dict(cmap="RdBu_r", vmin=-lim, vmax=lim))):
+panels = ((axes[0], L, "decay L = exp(segsum(dt A))", dict(cmap="viridis", vmin=0, vmax=1),
+           "share of state s kept at step l"),
+          (axes[1], M, "SSD matrix M = (C B^T) * L", dict(cmap="RdBu_r", vmin=-lim, vmax=lim),
+           "weight of input s in output l"))
+for ax, mat, title, style, label in panels:
     im = ax.imshow(mat, **style)
-    ax.set_title(title, fontsize=9)
-    ax.set_xlabel("source step s")
-    ax.set_ylabel("target step l")
-    fig.colorbar(im, ax=ax, shrink=0.8)
+    ax.set_title(title)
+    ax.set(xlabel="source step s (token)", ylabel="target step l (token)", xticks=range(0, q, 2),
+           yticks=range(0, q, 2))
+    fig.colorbar(im, ax=ax, shrink=0.85, label=label)
 fig.tight_layout()
 plt.show()
 
@@ -144,16 +150,18 @@ print("Mamba layers:", mamba_layers, f"  h={cfg.mamba_num_heads} heads x p={cfg.
 #
 # With no input signal ($\Delta^{raw} = 0$) a head's step is $\Delta_0 = \mathrm{softplus}(b_\Delta)$ and each
 # token multiplies its state by $e^{\Delta_0 A}$; after $k$ tokens what remains is $e^{k \Delta_0 A}$, so the
-# *half-life* is $\ln 2 / (\Delta_0 |A|)$ tokens. Both $A = -e^{A_{log}}$ and $b_\Delta$ are trained
-# per head. On real text $\Delta_t$ moves with the input: the second panel shows, per head, the mean decay per
-# token over a prompt, using the layer's own `in_proj` on its block-normed input.
+# *half-life* is $\ln 2 / (\Delta_0 |A|)$ tokens. Both $A = -e^{A_{log}}$ and $b_\Delta$ are trained per
+# head. That is the baseline. On real text $\Delta_t$ moves with the input ("selective"): below we compute,
+# with each layer's own `in_proj` on its block-normed input, the decay $e^{\Delta_t A}$ of every head at every
+# byte of a prompt, and its half-life $\ln 2 / (\Delta_t |A|)$.
 
 # %%
-text = "Return the number of bytes in the buffer. If the file is closed, raise ValueError."
+text = ("Return the number of bytes in the buffer. If the file is closed, raise ValueError.\n"
+        "    def read(self, size=-1):\n        return self._buffer[:size]\n")
 ids = np.array([model.tokenizer.encode(text)])                           # [1, t]
 i_w, c_w = cfg.mamba_intermediate, cfg.conv_dim
 
-decay_rest, decay_text = {}, {}
+decay_rest, decay_text = {}, {}                                          # layer -> [h], [t, h]
 hs = model.embed(ids)                                                    # [1,t,d]
 for li, p_layer in enumerate(model.params["layers"]):
     if p_layer["type"] == "mamba":
@@ -162,29 +170,60 @@ for li, p_layer in enumerate(model.params["layers"]):
         xn = rms_norm(hs, p_layer["norm"], cfg.layer_norm_epsilon)
         dt_raw = linear(xn, p_layer["in_proj"])[..., i_w + c_w:]              # [1,t,h]  (z | xBC | dt)
         dt_text = discretize_dt(dt_raw, p_layer["dt_bias"], *model.dt_limit)
-        decay_text[li] = np.exp(dt_text * p_layer["A"])[0].mean(axis=0)        # [h]
+        decay_text[li] = np.exp(dt_text * p_layer["A"])[0]                    # [t,h]
     hs = block(hs, p_layer, cfg, model.backend, None, model.dt_limit)
 
+half_rest = {li: np.log(2) / -np.log(decay_rest[li]) for li in mamba_layers}   # tokens
+half_text = {li: np.log(2) / -np.log(decay_text[li]) for li in mamba_layers}   # [t,h] tokens
 for li in mamba_layers:
     # a stable recurrence: every head's per-token decay lies strictly between 0 and 1
     assert np.all((decay_rest[li] > 0) & (decay_rest[li] < 1)), li
-    half = np.log(2) / -np.log(decay_rest[li])
-    print(f"layer {li}: half-life at rest (tokens) per head:", np.array2string(half, precision=1))
+    assert np.all((decay_text[li] > 0) & (decay_text[li] < 1)), li
+    print(f"layer {li}: half-life at rest (tokens) per head:", np.array2string(half_rest[li], precision=1))
 
-fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
-k = np.arange(0, 64)
-for li in mamba_layers:
-    for hh, r in enumerate(decay_rest[li]):
-        axes[0].plot(k, r ** k, color=f"C{mamba_layers.index(li)}", lw=0.8,
-                     label=f"layer {li}" if hh == 0 else None)
-    axes[1].plot(decay_text[li], "o-", ms=3, label=f"layer {li}")
-axes[0].set(xlabel="tokens k", ylabel="exp(k dt0 A)", title="state kept after k tokens (at rest)")
-axes[1].set(xlabel="head", ylabel="mean exp(dt_t A)", title="per-token decay on the prompt")
-for ax in axes:
-    ax.legend(fontsize=7)
-    ax.title.set_fontsize(9)
+# %% [markdown]
+# **Which bytes make a head forget?** Group the prompt's bytes by class and take each head's median half-life
+# over the bytes of that class. The first column is the baseline at rest. Colour is on a log scale: dark =
+# forgets within a token, bright = remembers for hundreds.
+
+# %%
+classes = {"letter": str.isalpha, "space": lambda c: c == " ", "newline": lambda c: c == "\n",
+           "punct./digit": lambda c: not (c.isalpha() or c.isspace())}
+byte_class = np.array([next(k for k, f in classes.items() if f(ch)) for ch in text])
+rows = [(li, hh) for li in mamba_layers for hh in range(cfg.mamba_num_heads)]
+table = np.array([[half_rest[li][hh]] + [np.median(half_text[li][byte_class == k, hh]) for k in classes]
+                  for li, hh in rows])                                   # [layers*h, 1 + classes]
+
+fig, axes = plt.subplots(1, 2, figsize=(10, 5.2), gridspec_kw={"width_ratios": [1, 2.2]})
+im = axes[0].imshow(np.log10(table), cmap="magma", aspect="auto", vmin=-1, vmax=np.log10(table.max()))
+axes[0].set_xticks(range(1 + len(classes)), ["at rest"] + list(classes), rotation=30, ha="right")
+axes[0].set_yticks(range(len(rows)), [f"L{li} h{hh}" for li, hh in rows], fontsize=7)
+axes[0].set(title="median half-life by byte class", ylabel="Mamba layer, head")
+cb = fig.colorbar(im, ax=axes[0], shrink=0.9)
+cb.set_label("half-life (tokens, log10)")
+shown = 64                                                               # the first 64 bytes, one tick each
+im2 = axes[1].imshow(np.concatenate([decay_text[li][:shown].T for li in mamba_layers]), cmap="viridis",
+                     aspect="auto", vmin=0, vmax=1)
+axes[1].set_xticks(range(shown), [repr(ch)[1:-1] for ch in text[:shown]], fontsize=7)
+axes[1].set_yticks(range(len(rows)), [f"L{li} h{hh}" for li, hh in rows], fontsize=7)
+axes[1].set(title="per-token decay exp(dt_t A) over the prompt", xlabel="byte of the prompt")
+fig.colorbar(im2, ax=axes[1], shrink=0.9, label="state kept per token")
 fig.tight_layout()
 plt.show()
+
+# %%
+# the heads whose state a space or a newline wipes out (half-life under one token there) but that keep
+# several tokens inside words: word-boundary resets, learned, not built in
+k_space, k_letter = 1 + list(classes).index("space"), 1 + list(classes).index("letter")
+resets = [(rows[r], table[r, k_letter], table[r, k_space]) for r in range(len(rows))
+          if table[r, k_space] < 1 < 4 < table[r, k_letter]]
+for (li, hh), inside, at_space in resets:
+    print(f"layer {li} head {hh}: half-life {inside:.1f} tokens inside words, {at_space:.2f} at a space "
+          f"(at rest {half_rest[li][hh]:.1f})")
+assert resets, "expected at least one head that resets at word boundaries"
+spread = table[:, 0].max() / table[:, 0].min()
+print(f"at rest the half-lives span a factor {spread:.0f}: from {table[:, 0].min():.1f} to "
+      f"{table[:, 0].max():.0f} tokens")
 
 # %% [markdown]
 # ### The SSM state over a prompt
@@ -209,12 +248,14 @@ for li in mamba_layers:
     assert np.allclose(cache.layers[li]["ssm"], prefill.layers[li]["ssm"], rtol=1e-4, atol=1e-5), li
 assert np.allclose(h_last[0, -1], h_all[0, -1], rtol=1e-4, atol=1e-4)
 
-fig, axes = plt.subplots(1, len(mamba_layers), figsize=(3 * len(mamba_layers), 2.6), sharey=True)
+fig, axes = plt.subplots(1, len(mamba_layers), figsize=(3.3 * len(mamba_layers), 2.9), sharey=True)
 for ax, j in zip(np.atleast_1d(axes), range(len(mamba_layers))):
-    ax.plot(norms[:, j, :], lw=0.9)
-    ax.set_title(f"layer {mamba_layers[j]}: |S| per head", fontsize=9)
-    ax.set_xlabel("token")
-np.atleast_1d(axes)[0].set_ylabel("Frobenius norm")
+    for hh in range(cfg.mamba_num_heads):
+        ax.plot(norms[:, j, hh], lw=0.9, label=f"h{hh}")
+    ax.set_title(f"layer {mamba_layers[j]}: state norm per head")
+    ax.set_xlabel("token position (bytes read)")
+np.atleast_1d(axes)[0].set_ylabel("||S||_F (Frobenius norm)")
+np.atleast_1d(axes)[-1].legend(ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
 fig.tight_layout()
 plt.show()
 
@@ -222,3 +263,52 @@ plt.show()
 # The state norms stay bounded: each step first shrinks the state by $e^{\Delta_t A} < 1$ and then adds one
 # rank-one update $\Delta_t x_t B_t^\top$, so a head with a short half-life tracks only the last few bytes while
 # a slow head accumulates context over the whole sentence.
+
+# %% [markdown]
+# ## Exercises
+#
+# Each exercise has a checker from `nemo_scratch.exercises` that runs your answer against the package and
+# says whether it is right, and if not, where it first goes wrong. The starting points below are plausible
+# first attempts with one mistake each; the cells show what the checker says about them. Fix them.
+#
+# **1. Write the sequential scan.** `my_scan(x, dt, A, B, C, D)` takes `x [b,t,h,p]`, `dt [b,t,h]`, `A [h]`,
+# `B, C [b,t,g,n]`, `D [h]` and returns `(y [b,t,h,p], final_state [b,h,p,n])`, following the recurrence at
+# the top of this notebook (head `hh` uses group `hh // (h // g)`). The attempt below forgets something.
+
+# %%
+def my_scan(x, dt, A, B, C, D):
+    b, t, h, p = x.shape
+    g, n = B.shape[2:]
+    state = np.zeros((b, h, p, n))
+    y = np.zeros_like(x)
+    for s in range(t):
+        Bh = np.repeat(B[:, s], h // g, axis=1)                              # [b,h,n]
+        Ch = np.repeat(C[:, s], h // g, axis=1)
+        state = (np.exp(dt[:, s] * A)[..., None, None] * state
+                 + dt[:, s, :, None, None] * x[:, s, :, :, None] * Bh[:, :, None, :])
+        y[:, s] = np.einsum("bhpn,bhn->bhp", state, Ch)
+    return y, state
+
+
+result = check_sequential_scan(my_scan)
+print(result)
+assert not result, "the starting point is meant to be wrong"
+
+# %% [markdown]
+# **2. Half-lives at rest.** Return `{layer index: array of h half-lives}` for every Mamba layer of `model`:
+# the number of tokens after which a head keeps half its state when $\Delta^{raw} = 0$ (use the clip
+# `model.dt_limit`). The attempt below computes the mean lifetime $1/(\Delta_0|A|)$ instead.
+
+# %%
+def my_half_lives(model):
+    out = {}
+    for li, p_layer in enumerate(model.params["layers"]):
+        if p_layer["type"] == "mamba":
+            dt0 = np.maximum(np.log1p(np.exp(p_layer["dt_bias"])), model.dt_limit[0])
+            out[li] = 1 / (dt0 * -p_layer["A"])
+    return out
+
+
+result = check_half_lives(my_half_lives(model), model)
+print(result)
+assert not result

@@ -39,8 +39,12 @@ import numpy as np
 
 import nemo_scratch
 from nemo_scratch.checkpoint.convert import inspect_checkpoint
+from nemo_scratch.exercises import check_bits_per_byte, check_mamba_layer_params
 from nemo_scratch.model.generate import token_probs
 from nemo_scratch.params import PUBLISHED, count_params, format_plan, plan
+
+plt.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "xtick.labelsize": 8,
+                     "ytick.labelsize": 8, "legend.fontsize": 8})
 
 # %% [markdown]
 # ## 1. Load and run forward
@@ -67,11 +71,18 @@ nll_bits = -np.log2(p_next[np.arange(ids.shape[1] - 1), ids[0, 1:]])     # bits 
 print(f"next-byte loss on the text: {nll_bits.mean():.2f} bits per byte (uniform guess: 8)")
 assert nll_bits.mean() < 4, "the trained model should need far fewer than 8 bits per byte"
 
-fig, ax = plt.subplots(figsize=(8, 2.2))
-ax.bar(np.arange(1, ids.shape[1]), nll_bits, width=1.0)
-ax.set_xticks(np.arange(1, ids.shape[1]), list(text[1:]), fontsize=5)
-ax.set_ylabel("bits")
-ax.set_title("surprise of each byte given the ones before it", fontsize=9)
+half = (len(text) + 1) // 2
+fig, axes = plt.subplots(2, 1, figsize=(11, 4.2), sharey=True)
+for ax, lo, hi in ((axes[0], 1, half), (axes[1], half, len(text))):
+    pos = np.arange(lo, hi)
+    ax.bar(pos, nll_bits[pos - 1], width=0.9)
+    ax.axhline(8, color="k", lw=0.8, ls="--", label="uniform guess: 8 bits")
+    ax.axhline(nll_bits.mean(), color="C3", lw=0.8, ls=":", label=f"mean {nll_bits.mean():.2f} bits")
+    ax.set_xticks(pos, ["␣" if c == " " else repr(c)[1:-1] for c in text[lo:hi]], fontsize=8)
+    ax.set(xlim=(lo - 0.6, hi - 0.4), ylabel="bits")
+axes[0].set_title("surprise -log2 p(byte | the bytes before it), byte by byte")
+axes[0].legend(loc="upper right")
+axes[1].set_xlabel("byte of the text (the first has no context and is not scored)")
 fig.tight_layout()
 plt.show()
 
@@ -175,13 +186,16 @@ print()
 print(format_plan(reports["ultra", "ultra"]))
 
 # %% [markdown]
-# **Ultra on one node.** With the `ultra` recipe the 550B-parameter model is about 352 GB, about 5 bits per
-# parameter: most weights are 4.5-bit routed experts, the rest FP8 or BF16. Split over 8 GPUs of 80 GiB that is
-# about 41 GiB of weights per GPU, leaving room for the KV cache, the SSM states and the activations.
+# **Ultra on one node.** The `ultra` recipe stores most weights as 4.5-bit routed experts and the rest in FP8
+# or BF16. Split over 8 GPUs of 80 GiB, how much room is left for the KV cache, the SSM states and the
+# activations?
 
 # %%
 ultra = reports["ultra", "ultra"]
 bits = ultra["bytes"]["bits_per_param"]
+print(f"Ultra, recipe ultra: {ultra['params']['total'] / GB:.0f}B parameters in {ultra['bytes']['total'] / GB:.1f} "
+      f"GB = {bits:.2f} bits per parameter; {ultra['gpus']['per_gpu_gib']:.1f} GiB of weights per GPU of 8, "
+      f"{80 - ultra['gpus']['per_gpu_gib']:.1f} GiB left on each")
 assert ultra["gpus"]["fits"] and ultra["gpus"]["per_gpu_gib"] < 80
 assert 4.9 < bits < 5.1, bits
 assert abs(ultra["bytes"]["total"] / PUBLISHED["ultra"]["bytes"]["ultra"] - 1) < 0.01
@@ -196,9 +210,47 @@ for y, recipe in enumerate(("bf16", "ultra")):
         labelled.add(fmt)
         left += row["bytes"] / GB
 ax.axvline(8 * 80 * GIB / GB, color="k", ls="--", lw=0.8)
-ax.text(8 * 80 * GIB / GB, 1.45, " 8 x 80 GiB", fontsize=7, va="center")
-ax.set(yticks=[0, 1], yticklabels=["bf16", "ultra (NVFP4)"], xlabel="GB", ylim=(-0.5, 1.7))
-ax.set_title("Nemotron 3 Ultra checkpoint by storage format", fontsize=9)
-ax.legend(fontsize=7, loc="upper right")
+ax.text(8 * 80 * GIB / GB, 1.45, " 8 x 80 GiB", fontsize=8, va="center")
+ax.set(yticks=[0, 1], yticklabels=["bf16", "ultra (NVFP4)"], xlabel="checkpoint size (GB)", ylim=(-0.5, 1.7))
+ax.set_title("Nemotron 3 Ultra checkpoint by storage format")
+ax.legend(title="format", loc="upper right")
 fig.tight_layout()
 plt.show()
+
+# %% [markdown]
+# ## Exercises
+#
+# Each checker from `nemo_scratch.exercises` runs your answer against the package and says whether it is right,
+# and where it first goes wrong. The starting points below have one mistake each; fix them.
+#
+# **1. Bits per byte.** `my_bpb(model, text)` returns the mean next-byte loss of `model` on `text` in bits,
+# over positions 1 to t-1 (as in section 1). The attempt below reports it in the wrong unit.
+
+# %%
+def my_bpb(model, text):
+    ids = np.array([model.tokenizer.encode(text)])
+    p = token_probs(model.forward(ids)[0, :-1])
+    return -np.log(p[np.arange(ids.shape[1] - 1), ids[0, 1:]]).mean()
+
+
+result = check_bits_per_byte(my_bpb, model)
+print(result)
+assert not result
+
+# %% [markdown]
+# **2. Count a Mamba layer.** `my_mamba_params(cfg)` returns the parameter count of one Mamba mixer of `cfg`
+# (in_proj, conv1d weight and bias, A_log, D, dt_bias, the gated norm, out_proj), checked on the tiny, Nano,
+# Super and Ultra configs. The attempt below sizes the mixer with `expand * hidden_size`, the Mamba-1 habit
+# (spec pitfall 1).
+
+# %%
+def my_mamba_params(cfg):
+    d, h, n, g, w = cfg.hidden_size, cfg.mamba_num_heads, cfg.ssm_state_size, cfg.n_groups, cfg.conv_kernel
+    i = 2 * d                                                   # expand = 2
+    conv = i + 2 * g * n
+    return d * (i + conv + h) + conv * w + conv + 3 * h + i + i * d
+
+
+result = check_mamba_layer_params(my_mamba_params)
+print(result)
+assert not result

@@ -67,5 +67,7 @@ def test_demo_runs(capsys):
 
     plain, spec = run_demo(max_new_tokens=16)
     out = capsys.readouterr().out
-    assert "agree: yes" in out and "tokens/s" in out and "MTP acceptance" in out
+    assert "agree: yes" in out and "tokens/s wall clock" in out and "MTP acceptance" in out
+    # the cost explanation: measured draft and verify costs, modelled next to measured speedup, Ultra's case
+    assert "one MTP draft step" in out and "modelled" in out and "measured" in out and "Ultra" in out
     np.testing.assert_array_equal(plain.ids, spec.ids)

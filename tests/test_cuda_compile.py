@@ -8,8 +8,8 @@
 - Each launcher module of nemo_scratch/backends/cupy declares ``CU_FILE`` and ``KERNELS``; every kernel name
   it uses exists as an ``extern "C" __global__`` function of that file, so a rename cannot break the loader
   silently.
-- Each .cu header (shared/CONVENTIONS.md) names a reference symbol that imports, test files and tests that
-  exist, and tolerance keys of tests/tolerances.py.
+- Each .cu header (docs/oracle.md, section 5, "Kernel file headers") names a reference symbol that imports,
+  test files and tests that exist, and tolerance keys of tests/tolerances.py.
 """
 
 import ctypes
@@ -164,7 +164,7 @@ def test_registered_backend_ops_point_at_launchers():
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Kernel file headers (shared/CONVENTIONS.md)
+# Kernel file headers (docs/oracle.md, section 5, "Kernel file headers")
 
 def header(cu):
     """The opening comment block of a .cu file, comment markers stripped."""

@@ -1,9 +1,12 @@
-"""The notebooks' two forms cannot drift: each jupytext py:percent source has a paired .ipynb with equal cells.
+"""The notebooks' two forms cannot drift, and the committed outputs are those of the committed source.
 
-notebooks/NN_name.py is the source a reviewer diffs; notebooks/NN_name.ipynb is what a student opens. Both are
-committed, the .ipynb without outputs. Executing them is a separate job (``pytest --nbmake notebooks``).
+notebooks/NN_name.py is the source a reviewer diffs; notebooks/NN_name.ipynb is what a student opens, committed
+WITH the outputs of executing that source (``make notebooks`` = tools/execute_notebooks.py), so that every
+printed number and figure can be read without running anything. The .ipynb carries the digest of the source
+it was executed from; a stale one fails here. CI executes the sources again (``pytest --nbmake notebooks``).
 """
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -11,13 +14,17 @@ import pytest
 
 jupytext = pytest.importorskip("jupytext", reason="comparing notebooks needs jupytext (the notebooks extra)")
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOKS = ROOT / "notebooks"
 SOURCES = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.py"))
+_spec = importlib.util.spec_from_file_location("execute_notebooks", ROOT / "tools" / "execute_notebooks.py")
+execute_notebooks = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(execute_notebooks)
 
 
 def cells(nb):
     """What must agree between the two forms: each cell's type, text and tags (outputs excluded)."""
-    return [(c.cell_type, c.source.strip(), sorted(c.metadata.get("tags", []))) for c in nb.cells]
+    return [execute_notebooks.cell_key(c) for c in nb.cells]
 
 
 def test_every_notebook_has_both_forms():
@@ -43,13 +50,24 @@ def test_ipynb_cells_equal_py_cells(source):
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])
-def test_ipynb_is_committed_without_outputs(source):
+def test_ipynb_holds_fresh_outputs_without_run_noise(source):
     raw = json.loads(source.with_suffix(".ipynb").read_text())
+    stamp = raw["metadata"].get("nemo_scratch", {}).get("source_sha256")
+    assert stamp == execute_notebooks.source_digest(jupytext.read(source)), (
+        f"{source.stem}.ipynb was not executed from the current {source.name}: run `make notebooks`")
     code = [c for c in raw["cells"] if c["cell_type"] == "code"]
     assert code, f"{source.stem}.ipynb has no code cells"
+    outputs = [o for c in code for o in c["outputs"]]
+    assert any(o.get("output_type") == "stream" for o in outputs), f"{source.stem}.ipynb prints nothing"
+    assert any("image/png" in o.get("data", {}) for o in outputs), f"{source.stem}.ipynb shows no figure"
     for i, c in enumerate(code):
-        assert c.get("outputs") == [] and c.get("execution_count") is None, (
-            f"{source.stem}.ipynb code cell {i} has outputs; clear them (`jupytext --sync` from the .py does)")
+        assert c["execution_count"] is None and c["metadata"].keys() <= {"tags"}, (
+            f"{source.stem}.ipynb code cell {i} carries run-to-run noise (execution count or timing metadata)")
+        for o in c["outputs"]:
+            assert o.get("output_type") != "error", f"{source.stem}.ipynb code cell {i} failed when executed"
+            assert o.get("execution_count") is None
+    text = json.dumps(outputs)
+    assert str(ROOT) not in text, f"{source.stem}.ipynb outputs contain a local path ({ROOT})"
 
 
 @pytest.mark.parametrize("source", SOURCES, ids=[p.stem for p in SOURCES])

@@ -97,8 +97,8 @@ class Function:
         where = f"kernel {self.name}, argument {p.name!r} ({p.ctype}{'*' if p.pointer else ''})"
         if p.pointer:
             if a is None:
-                raise EmulatorError(f"{where} is None: CuPy passes None as 0xffffffff, not a null pointer (cupy "
-                                    "issue #9046); pass numpy.uint64(0)")
+                raise EmulatorError(f"{where} is None: CuPy passes None as 0xffffffff, not a null pointer "
+                                    "(cupy issue #9046); pass numpy.uint64(0)")
             if type(a) in (np.uint64, np.int64) and a == 0:
                 return ctypes.c_void_p(0)
             if not isinstance(a, ndarray):
