@@ -1,6 +1,6 @@
 """Helpers every op shares: the array namespace (NumPy or CuPy) and the dtype/shape checks at op boundaries.
 
-Dtype policy (shared/DESIGN.md): an op computes in the dtype of its float inputs, float32 (default) or
+Dtype policy (docs/oracle.md section 2): an op computes in the dtype of its float inputs, float32 (default) or
 float64 (oracle mode). All float inputs of one call must share that dtype; a mix raises DtypeError instead
 of letting NumPy promote to float64 behind the user's back.
 """

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 
 CACHE_DTYPES = {"float32": 4, "bfloat16": 2}
 STATE_ITEMSIZE = 4            # conv and SSM states are float32 (NVIDIA: "use float32 for all checkpoint precisions")
-ACTIVATION_ITEMSIZE = 4       # activations are float32 (DESIGN.md dtype policy)
+ACTIVATION_ITEMSIZE = 4       # activations are float32 (the dtype policy of docs/oracle.md section 2)
 SCORE_TILE_BYTES = 256 * 2**20   # the attention runner's budget for one [b, q, tile, s] score tile
 
 
