@@ -9,6 +9,8 @@
 
 from pathlib import Path
 
+import numpy as np
+
 from .config import PRESETS, NemotronConfig, preset
 from .errors import NemoScratchError
 
@@ -38,7 +40,7 @@ def load(path=None, backend="numpy", dtype="float32", dt_floor="config", with_mt
 
     path = Path(DEFAULT_CHECKPOINT if path is None else path)
     cfg, tensors, info = load_tensors(path, dtype=dtype, weights=weights)
-    params = build_params(cfg, tensors, with_mtp=with_mtp)
+    params = build_params(cfg, tensors, with_mtp=with_mtp, dtype=np.dtype(info["dtype"]))
     return Model(cfg, params, backend=backend, dt_floor=dt_floor, info=info,
                  tokenizer=load_tokenizer(path, cfg), path=path)
 

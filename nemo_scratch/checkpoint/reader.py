@@ -210,10 +210,10 @@ def load_tensors(path, dtype="float32", weights="float32"):
              FP8Weight (codes as uint8 views of the file, scales float32 whatever ``dtype``). Every other tensor
              depends on ``weights``:
              "float32"  an array in ``dtype`` ("float32" or "float64"; BF16/F16 upcast exactly);
-             "stored"   matrices as the file stores them, memory-mapped and never copied: a BF16 matrix is a
-                        BF16Weight of its bit patterns, an F32 one a read-only view (copied to float64 in the
-                        float64 oracle mode); 1-D tensors (norms, biases, A_log, D, dt_bias), the conv filters
-                        and F16 tensors are small and are converted to ``dtype`` as in "float32".
+             "stored"   every tensor as the file stores it, memory-mapped and never copied: BF16 as a BF16Weight
+                        of its bit patterns (the model decodes small ones, norms and biases, where it uses
+                        them: model/weights.py::as_dense), F32 as a read-only view (copied to float64 in the
+                        float64 oracle mode); F16 and F64 tensors are converted to ``dtype`` as in "float32".
              Nothing but the headers (and those small tensors) is read: tensor data stays on disk until used.
              "auto"     "float32" when its bytes fit in AUTO_FLOAT32_SHARE of the available memory, else "stored".
              "float32" is refused up front (InputError: what it needs, what is available) when it cannot fit.
@@ -249,7 +249,8 @@ def load_tensors(path, dtype="float32", weights="float32"):
         notes.append(f"{config_name} declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds "
                      "no mtp.* tensor (transformers drops them when saving): loaded without the MTP head")
     info = {"path": str(reader.directory), "files": list(reader.files), "mtp": include_mtp, "formats": formats,
-            "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes, "weights": mode}
+            "ignored": sorted(ignored), "quant_config": reader.quant_config, "notes": notes, "weights": mode,
+            "dtype": dtype.name}
     return cfg, tensors, info
 
 
@@ -281,9 +282,8 @@ def _weight_mode(reader, weights) -> str:
 
 def _plain(reader, stored, dtype, mode):
     """One unquantized stored tensor in the weight mode (see load_tensors)."""
-    kind, shape = reader.dtype_of(stored), reader.shape_of(stored)
-    matrix = len(shape) >= 2 and not (len(shape) == 3 and shape[1] == 1)   # not a conv filter [c, 1, w]
-    if mode == "stored" and matrix:
+    kind = reader.dtype_of(stored)
+    if mode == "stored":
         if kind == "BF16":
             return BF16Weight(reader.raw(stored))
         if kind in ("F32", "F64") and np.dtype(STORAGE[kind].newbyteorder("=")) == dtype:

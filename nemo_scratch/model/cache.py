@@ -89,20 +89,26 @@ class KVCache:
         self.length = min(self.length, length)
 
 
-def new_layer_state(block_type, cfg, batch, dtype, xp=np):
+def new_layer_state(block_type, cfg, batch, dtype, xp=np, kv_capacity=None):
     """The empty state of one layer: MambaState, KVCache, or None (MoE and MLP layers keep nothing)."""
     if block_type == "mamba":
         return MambaState.zeros(cfg, batch, dtype, xp)
     if block_type == "attention":
-        return KVCache(batch, cfg.num_key_value_heads, cfg.head_dim, dtype, xp)
+        return KVCache(batch, cfg.num_key_value_heads, cfg.head_dim, dtype, xp, kv_capacity or KV_INITIAL_CAPACITY)
     return None
 
 
 class Cache:
-    """The decode state of every layer of a stack (the backbone, or the MTP head's layers)."""
+    """The decode state of every layer of a stack (the backbone, or the MTP head's layers).
 
-    def __init__(self, block_types, cfg, batch, dtype, xp=np):
-        self.layers = [new_layer_state(bt, cfg, batch, dtype, xp) for bt in block_types]
+    ``xp`` allocates the states: one array module, or one per layer (each layer's state lives on its layer's
+    device); ``kv_capacity`` preallocates every KVCache for that many positions.
+    """
+
+    def __init__(self, block_types, cfg, batch, dtype, xp=np, kv_capacity=None):
+        block_types = list(block_types)
+        xps = xp if isinstance(xp, (list, tuple)) else [xp] * len(block_types)
+        self.layers = [new_layer_state(bt, cfg, batch, dtype, x, kv_capacity) for bt, x in zip(block_types, xps)]
         self.batch = batch
         self.length = 0  # tokens seen
 

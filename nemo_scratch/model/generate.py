@@ -140,7 +140,7 @@ def draft(head, mcache, hidden, next_ids, k, dist, rng, chunk=None):  # [1,m,d],
     committed = mcache.length
     drafts, q = [], []
     for j in range(k):
-        q.append(dist(head.be.to_numpy(logits[:, -1]))[0])                            # [v]
+        q.append(dist(head.model.backend.to_numpy(logits[:, -1]))[0])                          # [v]
         drafts.append(int(sample(q[-1][None], rng)[0]))
         if j + 1 < k:
             logits, h = head.step(h[:, -1:], np.array([[drafts[-1]]]), mcache)

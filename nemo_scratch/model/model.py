@@ -10,6 +10,7 @@ The model never imports a kernel: every op goes through ``self.backend`` (nemo_s
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -20,7 +21,7 @@ from ..ops.formats import BF16Weight
 from ..ops.quant import bf16_decode
 from .blocks import block
 from .cache import Cache
-from .weights import map_tree
+from .weights import as_dense, map_tree
 
 DT_FLOOR_HELP = (
     "dt floor of the Mamba layers: 'config' (default) follows the checkpoint's time_step_limit, (0, inf) when "
@@ -62,14 +63,49 @@ def resolve_dt_limit(cfg, dt_floor="config"):
     return (floor, float(hi))
 
 
-class Model:
-    """A loaded Nemotron-H / Nemotron 3 model. Build it with ``nemo_scratch.load(path)``."""
+class OneDevice:
+    """Where a Model's units run (units: "embedding", "layer i", "head", "mtp"): here all of them on one
+    backend. parallel/pipeline.py's placement puts them on several devices behind the same four methods."""
 
-    def __init__(self, cfg, params, backend="numpy", dt_floor="config", info=None, tokenizer=None, path=None):
+    def __init__(self, backend):
+        self._backend = backend
+
+    def backend(self, unit):
+        """The backend that runs ``unit``."""
+        return self._backend
+
+    def use(self, unit):
+        """A context in which ``unit``'s device is current."""
+        return contextlib.nullcontext()
+
+    def hop(self, x, unit):
+        """``x`` (an activation) on ``unit``'s device: a stage boundary moves it, here nothing does."""
+        return x
+
+    def xp(self, unit):
+        """The array module that allocates on ``unit``'s device (its cache lives there)."""
+        return self._backend.xp
+
+
+class Model:
+    """A loaded Nemotron-H / Nemotron 3 model. Build it with ``nemo_scratch.load(path)``.
+
+    ``place`` says where each unit runs (OneDevice, or a pipeline placement over several devices, whose params
+    are already on their devices); the computation, and so every number, is the same either way.
+    """
+
+    def __init__(self, cfg, params, backend="numpy", dt_floor="config", info=None, tokenizer=None, path=None,
+                 place=None):
         self.cfg = cfg
-        self.backend = get_backend(backend)
-        self.params = map_tree(params, self.backend.asarray)
-        self.dtype = np.dtype(self.params["norm_f"].dtype)
+        if place is None:
+            self.backend = get_backend(backend)
+            self.place = OneDevice(self.backend)
+            self.params = map_tree(params, self.backend.asarray)
+        else:
+            self.place, self.params = place, params
+            self.backend = place.backend("head")     # where the logits come from
+        norm_f = self.params["norm_f"]
+        self.dtype = np.dtype((info or {}).get("dtype") or getattr(norm_f, "dtype", np.float32))
         self.dt_limit = resolve_dt_limit(cfg, dt_floor)
         self.info = info or {}
         self.tokenizer = tokenizer
@@ -92,14 +128,18 @@ class Model:
             raise InputError(f"token id {int(arr[bad][0])} is outside the vocabulary [0, {self.cfg.vocab_size})")
         return arr.astype(np.int64)
 
-    def new_cache(self, batch=1):
-        return Cache(self.cfg.layers_block_type, self.cfg, batch, self.dtype, self.backend.xp)
+    def new_cache(self, batch=1, kv_capacity=None):
+        """An empty decode cache, each layer's state on that layer's device; ``kv_capacity`` preallocates the
+        attention K/V for that many positions (they grow by doubling past it)."""
+        return Cache(self.cfg.layers_block_type, self.cfg, batch, self.dtype,
+                     [self.place.xp(f"layer {i}") for i in range(self.cfg.num_hidden_layers)], kv_capacity)
 
     # ---------------------------------------------------------------- forward
     def embed(self, ids):  # [b,t] -> [b,t,d]
         """The embedding rows of ``ids`` in the compute dtype (a stored BF16 table decodes only those rows)."""
-        idx = self.backend.asarray(self.check_ids(ids))
-        return embedding_rows(self.params["embeddings"], idx, self.dtype)
+        with self.place.use("embedding"):
+            idx = self.place.backend("embedding").asarray(self.check_ids(ids))
+            return embedding_rows(self.params["embeddings"], idx, self.dtype)
 
     def hidden(self, ids, cache=None, prefill_chunk=None):  # [b,t] -> [b,t,d]
         """The backbone output after norm_f (what lm_head and the MTP head read).
@@ -125,13 +165,19 @@ class Model:
     def _hidden(self, ids, cache):  # [b,t] (checked) -> [b,t,d]
         h = self.embed(ids)
         for i, p in enumerate(self.params["layers"]):
-            h = block(h, p, self.cfg, self.backend, None if cache is None else cache.layers[i], self.dt_limit)
+            unit = f"layer {i}"
+            with self.place.use(unit):
+                h = block(self.place.hop(h, unit), p, self.cfg, self.place.backend(unit),
+                          None if cache is None else cache.layers[i], self.dt_limit)
         if cache is not None:
             cache.length += ids.shape[1]
-        return self.backend.rms_norm(h, self.params["norm_f"], self.cfg.layer_norm_epsilon)
+        with self.place.use("head"):
+            return self.backend.rms_norm(self.place.hop(h, "head"), as_dense(self.params["norm_f"], self.dtype),
+                                         self.cfg.layer_norm_epsilon)
 
     def logits(self, h):  # [b,t,d] -> [b,t,v]
-        return self.backend.linear(h, self.params["lm_head"])
+        with self.place.use("head"):
+            return self.backend.linear(self.place.hop(h, "head"), self.params["lm_head"])
 
     def forward(self, ids, cache=None, last_only=False, prefill_chunk=None):  # [b,t] -> [b,t,v] (host array)
         """Logits for every position (or the last one only), float32 (float64 in oracle mode).

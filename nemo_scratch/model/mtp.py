@@ -18,31 +18,37 @@ from __future__ import annotations
 
 from .blocks import block
 from .cache import Cache
+from .weights import as_dense
 
 
 class MTPHead:
     def __init__(self, model):
         self.model = model
         self.cfg = model.cfg
-        self.be = model.backend
+        self.place = model.place
+        self.be = model.place.backend("mtp")
         self.p = model.params["mtp"]
 
-    def new_cache(self, batch=1):
-        return Cache(self.cfg.mtp_layers_block_type, self.cfg, batch, self.model.dtype, self.be.xp)
+    def new_cache(self, batch=1, kv_capacity=None):
+        return Cache(self.cfg.mtp_layers_block_type, self.cfg, batch, self.model.dtype, self.place.xp("mtp"),
+                     kv_capacity)
 
     def step(self, hidden, next_ids, cache=None):  # [b,t,d], [b,t] -> ([b,t,v], [b,t,d])
         """One MTP depth over t positions: hidden at each position and the id of the token one ahead."""
-        be, cfg, p = self.be, self.cfg, self.p
+        be, cfg, p, place = self.be, self.cfg, self.p, self.place
         eps = cfg.layer_norm_epsilon
         e = self.model.embed(next_ids)                                                  # [b,t,d]
-        # a = eh_proj(concat[enorm(e), hnorm(h)])   (embedding first)
-        a = be.xp.concatenate([be.rms_norm(e, p["enorm"], eps), be.rms_norm(hidden, p["hnorm"], eps)], axis=-1)
-        a = be.linear(a, p["eh_proj"])                                                  # [b,t,d]
-        for j, layer in enumerate(p["layers"]):
-            a = block(a, layer, cfg, be, None if cache is None else cache.layers[j])
-        if cache is not None:
-            cache.length += a.shape[1]
-        h = be.rms_norm(a, p["final_layernorm"], eps)                                   # [b,t,d]
+        with place.use("mtp"):
+            e, hidden = place.hop(e, "mtp"), place.hop(hidden, "mtp")
+            # a = eh_proj(concat[enorm(e), hnorm(h)])   (embedding first)
+            a = be.xp.concatenate([be.rms_norm(e, as_dense(p["enorm"], e.dtype), eps),
+                                   be.rms_norm(hidden, as_dense(p["hnorm"], e.dtype), eps)], axis=-1)
+            a = be.linear(a, p["eh_proj"])                                              # [b,t,d]
+            for j, layer in enumerate(p["layers"]):
+                a = block(a, layer, cfg, be, None if cache is None else cache.layers[j])
+            if cache is not None:
+                cache.length += a.shape[1]
+            h = be.rms_norm(a, as_dense(p["final_layernorm"], a.dtype), eps)            # [b,t,d]
         return self.model.logits(h), h
 
     def predict(self, hidden, next_ids, depth=1):  # [b,t,d], [b,t] -> list of [b,t-k+1,v] for k = 1..depth

@@ -16,7 +16,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import CheckpointError
-from ..ops.formats import ExpertBank
+from ..ops.formats import BF16Weight, ExpertBank
+from ..ops.quant import bf16_decode
 
 _MIXER_KEYS = {
     "mamba": {"in_proj.weight": "in_proj", "conv1d.weight": "conv_weight", "conv1d.bias": "conv_bias",
@@ -30,6 +31,14 @@ _MIXER_KEYS = {
 }
 
 
+def as_dense(w, dtype):  # [...] -> [...] float array
+    """The float array of a small weight (a norm, a bias, a conv filter): a stored BF16Weight is decoded
+    (exactly) where it is used, a float array is returned as it is."""
+    if isinstance(w, BF16Weight):
+        return bf16_decode(w.bits).astype(dtype, copy=False)
+    return w
+
+
 def expert_bank(weights, name):
     """The routed experts of one layer as an ExpertBank (no copy); one storage format for all of them."""
     first = weights[0]
@@ -39,7 +48,12 @@ def expert_bank(weights, name):
     return ExpertBank(weights)
 
 
-def layer_params(cfg, tensors, prefix, block_type):
+def _reshape(w, shape):
+    """A view of w in ``shape`` (a stored BF16Weight keeps its bits)."""
+    return BF16Weight(w.bits.reshape(shape)) if isinstance(w, BF16Weight) else w.reshape(shape)
+
+
+def layer_params(cfg, tensors, prefix, block_type, dtype=np.float32):
     """The parameter dict of one block (backbone or MTP) from ``{prefix}.norm.weight`` and ``{prefix}.mixer.*``."""
     p = {"type": block_type, "norm": tensors[f"{prefix}.norm.weight"]}
     mixer = f"{prefix}.mixer."
@@ -47,9 +61,9 @@ def layer_params(cfg, tensors, prefix, block_type):
         p[field] = tensors.get(mixer + key)
     if block_type == "mamba":
         # A = -exp(A_log)  (spec 3.1)
-        a_log = tensors[mixer + "A_log"]
+        a_log = as_dense(tensors[mixer + "A_log"], dtype)
         p["A"] = -np.exp(a_log)
-        p["conv_weight"] = p["conv_weight"].reshape(cfg.conv_dim, cfg.conv_kernel)   # [c,1,w] -> [c,w]
+        p["conv_weight"] = _reshape(p["conv_weight"], (cfg.conv_dim, cfg.conv_kernel))   # [c,1,w] -> [c,w]
     if block_type == "moe":
         e = cfg.n_routed_experts
         p["experts_up"] = expert_bank([tensors[f"{mixer}experts.{x}.up_proj.weight"] for x in range(e)],
@@ -57,16 +71,17 @@ def layer_params(cfg, tensors, prefix, block_type):
         p["experts_down"] = expert_bank([tensors[f"{mixer}experts.{x}.down_proj.weight"] for x in range(e)],
                                           mixer + "experts.*.down_proj.weight")
         if p["gate_bias"] is None:
-            p["gate_bias"] = np.zeros(e, dtype=p["gate"].dtype)
+            p["gate_bias"] = np.zeros(e, dtype=dtype)
     return p
 
 
-def build_params(cfg, tensors, with_mtp=True):
-    """The parameter tree for ``cfg`` from validated checkpoint tensors (checkpoint.load_tensors)."""
+def build_params(cfg, tensors, with_mtp=True, dtype=np.float32):
+    """The parameter tree for ``cfg`` from validated checkpoint tensors (checkpoint.load_tensors), whose compute
+    dtype is ``dtype`` (what the few derived arrays, A = -exp(A_log) and a missing router bias, are made in)."""
     params = {
         "embeddings": tensors["backbone.embeddings.weight"],
         "norm_f": tensors["backbone.norm_f.weight"],
-        "layers": [layer_params(cfg, tensors, f"backbone.layers.{i}", bt)
+        "layers": [layer_params(cfg, tensors, f"backbone.layers.{i}", bt, dtype)
                    for i, bt in enumerate(cfg.layers_block_type)],
     }
     params["lm_head"] = tensors.get("lm_head.weight", params["embeddings"])
@@ -78,7 +93,7 @@ def build_params(cfg, tensors, with_mtp=True):
             "enorm": tensors["mtp.layers.0.enorm.weight"],
             "hnorm": tensors["mtp.layers.0.hnorm.weight"],
             "eh_proj": tensors["mtp.layers.0.eh_proj.weight"],
-            "layers": [layer_params(cfg, tensors, f"mtp.layers.{j}", bt) for j, bt in enumerate(blocks)],
+            "layers": [layer_params(cfg, tensors, f"mtp.layers.{j}", bt, dtype) for j, bt in enumerate(blocks)],
             "final_layernorm": tensors[f"{last}.final_layernorm.weight"],
         }
     return params

@@ -23,8 +23,6 @@ Conventions (glossary letters, docs/glossary.md; N = b * t tokens of one prefill
   attention      q, k, v N (q + 2 kv) dh; scores 3 b q tile s (scores, exp, probs) for a query tile whose
                  [b, q, tile, s] score tensor stays within SCORE_TILE_BYTES (s = max_len, the worst case);
                  the output 2 N q dh (and its [b, t, q*dh] copy)
-                 Deviation: ops/attention.gqa_attention materialises [b, kv, r, t, s] at once; the runner
-                 tiles the queries, and this reserve assumes it.
   moe            router 3 N e (logits, sigmoid, selection scores) + N k 12 B (int64 ids, float32 weights);
                  fc1 output N l; per (token, expert) pair (P = N k): up output and its relu^2 P 2f, down
                  output P l; the routed sum N l; fc2 output N d; shared expert 2 N f_shared + N d
@@ -39,10 +37,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..ops.attention import SCORE_TILE_BYTES, query_tile  # noqa: F401  (SCORE_TILE_BYTES: its budget)
+
 CACHE_DTYPES = {"float32": 4, "bfloat16": 2}
 STATE_ITEMSIZE = 4            # conv and SSM states are float32 (NVIDIA: "use float32 for all checkpoint precisions")
 ACTIVATION_ITEMSIZE = 4       # activations are float32 (the dtype policy of docs/oracle.md section 2)
-SCORE_TILE_BYTES = 256 * 2**20   # the attention runner's budget for one [b, q, tile, s] score tile
 
 
 @dataclass(frozen=True)
@@ -75,13 +74,9 @@ def state_bytes(cfg, block, run: RunShape, record=True) -> int:
 
 
 def attention_tile(cfg, run: RunShape) -> int:
-    """Queries per attention tile: the largest power of two <= prefill_chunk whose [b, q, tile, max_len] float32
-    score tile fits SCORE_TILE_BYTES (at least 1)."""
-    row = run.batch * cfg.num_attention_heads * run.max_len * ACTIVATION_ITEMSIZE   # one query's scores
-    tile = 1
-    while tile * 2 <= run.prefill_chunk and tile * 2 * row <= SCORE_TILE_BYTES:
-        tile *= 2
-    return tile
+    """Queries per attention tile at the longest context: ops/attention.py::query_tile at s = max_len, capped
+    at the prefill chunk."""
+    return min(run.prefill_chunk, query_tile(run.batch, cfg.num_attention_heads, run.max_len, ACTIVATION_ITEMSIZE))
 
 
 def _block_elements(cfg, block, run: RunShape) -> int:

@@ -33,6 +33,7 @@ from ..params import tensor_bytes
 WEIGHT_MODES = ("stored", "float32")
 EMBEDDING, HEAD, MTP = "embedding", "head", "mtp"
 UPCAST_DTYPES = ("BF16", "F16", "F64")   # read into float32 by the loader in "float32" mode
+STORED_UPCAST_DTYPES = ("F16", "F64")    # read into float32 in "stored" mode too (the ops take float32/64 only)
 _LAYER = re.compile(r"^backbone\.layers\.(\d+)\.")
 
 
@@ -124,7 +125,8 @@ def checkpoint_weights(path, weights="stored", with_mtp=True):
                                   f"{cfg.num_hidden_layers - 1}, norm_f + lm_head, mtp): the config does not "
                                   "match the weights")
         dtype, shape = reader.dtype_of(stored), reader.shape_of(stored)
-        itemsize = 4 if weights == "float32" and dtype in UPCAST_DTYPES else STORAGE[dtype].itemsize
+        upcast = UPCAST_DTYPES if weights == "float32" else STORED_UPCAST_DTYPES
+        itemsize = 4 if dtype in upcast else STORAGE[dtype].itemsize
         out[unit][0] += math.prod(shape) * itemsize
         out[unit][1].append(stored)
     if cfg.tie_word_embeddings:
