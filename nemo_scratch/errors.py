@@ -35,3 +35,12 @@ class BackendError(NemoScratchError, RuntimeError):
 
 class PlanError(NemoScratchError, ValueError):
     """A multi-GPU placement is impossible (the weights do not fit the stated memory)."""
+
+
+class MemoryBudgetError(NemoScratchError, MemoryError):
+    """A call would need more memory than this machine has available (estimated before allocating); the
+    message says how much it needs, how much is available and which option helps (nemo_scratch/memory.py)."""
+
+
+class NonFiniteError(NemoScratchError, FloatingPointError):
+    """A forward pass produced NaN or inf; the message names the first layer and tensor that went non-finite."""

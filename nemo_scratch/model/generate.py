@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..guards import check_generate
 
 
 @dataclass
@@ -82,6 +83,7 @@ def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0
     """Generate after ``ids`` ([t] or [b, t]). ``on_token(list_of_new_ids)`` is called as tokens arrive."""
     prompt = model.check_ids(ids)
     _check_args(model, max_new_tokens, temperature, top_p, mtp, draft_depth, prompt.shape[0])
+    check_generate(model, prompt.shape, max_new_tokens, seed, mtp, draft_depth)   # hook: nemo_scratch/guards.py
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     if mtp:

@@ -16,6 +16,8 @@ import numpy as np
 
 from ..backends import get_backend
 from ..errors import InputError
+from ..guards import FiniteTrail, check_logits
+from ..memory import check_forward_memory
 from .blocks import block
 from .cache import Cache
 from .weights import map_tree
@@ -86,18 +88,22 @@ class Model:
         ids = self.check_ids(ids)
         if cache is not None and cache.batch != ids.shape[0]:
             raise InputError(f"ids have batch {ids.shape[0]} but the cache was made for batch {cache.batch}")
-        h = self.embed(ids)
+        check_forward_memory(self, ids, cache)                          # hook: nemo_scratch/memory.py
+        trail = FiniteTrail(self, ids)                                  # hook: nemo_scratch/guards.py
+        h = trail.record("embeddings", self.embed(ids))
         for i, p in enumerate(self.params["layers"]):
             h = block(h, p, self.cfg, self.backend, None if cache is None else cache.layers[i], self.dt_limit)
+            h = trail.record(i, h)
         if cache is not None:
             cache.length += ids.shape[1]
-        return self.backend.rms_norm(h, self.params["norm_f"], self.cfg.layer_norm_epsilon)
+        return trail.check(self.backend.rms_norm(h, self.params["norm_f"], self.cfg.layer_norm_epsilon))
 
     def logits(self, h):  # [b,t,d] -> [b,t,v]
-        return self.backend.linear(h, self.params["lm_head"])
+        return check_logits(self, self.backend.linear(h, self.params["lm_head"]), h)   # hook: guards.py
 
     def forward(self, ids, cache=None, last_only=False):  # [b,t] -> [b,t,v] (host array)
         """Logits for every position (or the last one only), float32 (float64 in oracle mode)."""
+        check_forward_memory(self, ids, cache, last_only)               # hook: nemo_scratch/memory.py
         h = self.hidden(ids, cache)
         if last_only:
             h = h[:, -1:]
