@@ -83,16 +83,21 @@ def read_json(path, error=CheckpointError, max_bytes: int = CONFIG_BYTES, expect
         if size > max_bytes:
             raise error(f"{path}: file of {size} bytes exceeds the limit of {max_bytes} bytes for a JSON file")
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise error(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise error(f"{path}: is a directory, expected a JSON file") from None
     except OSError as exc:
-        raise error(f"{path}: cannot read ({exc.strerror or exc})") from None
+        raise read_error(path, exc, "a JSON file", error) from None
     value = parse_json(raw, str(path), error=error, max_bytes=max_bytes)
     if expect is not None and not isinstance(value, expect):
         raise error(f"{path}: expected a JSON {_kind(expect)}, got a {type(value).__name__}")
     return value
+
+
+def read_error(path, exc: OSError, expected: str, error=CheckpointError):
+    """The nemo_scratch error for an OSError met reading ``path`` (missing, a directory, unreadable)."""
+    if isinstance(exc, FileNotFoundError):
+        return error(f"{path}: file not found")
+    if isinstance(exc, IsADirectoryError):
+        return error(f"{path}: is a directory, expected {expected}")
+    return error(f"{path}: cannot read ({exc.strerror or exc})")
 
 
 def _kind(expect) -> str:

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import CheckpointError
-from ..strict_json import parse_json
+from ..strict_json import parse_json, read_error
 from .safe_write import atomic_file
 
 # safetensors dtype -> the NumPy dtype of its bytes as stored (little-endian on disk, whatever the host).
@@ -87,12 +87,8 @@ class SafetensorsFile:
                                           f"bytes but {size - 8} bytes follow (limit {MAX_HEADER_BYTES}): "
                                           "truncated, or not a safetensors file")
                 raw = f.read(n)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
         except OSError as exc:
-            raise CheckpointError(f"{self.path}: cannot read ({exc.strerror or exc})") from None
+            raise read_error(self.path, exc, "a .safetensors file") from None
         self._data_start = 8 + n
         self._buffer = None
         self.metadata, self._entries = _parse_header(self.path, raw, data_size=size - 8 - n)
