@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import signal
 import sys
 import warnings
@@ -353,7 +354,11 @@ def main(argv=None):
         return _fail("interrupted by Ctrl-C (any write in progress was rolled back)", 130)
     except Interrupted:
         return _fail("interrupted by SIGTERM (any write in progress was rolled back)", 143)
-    except BrokenPipeError:
+    except BrokenPipeError:   # e.g. `| head`: stop quietly, and keep Python from complaining at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
     except OSError as exc:   # a file the package did not name itself (it names the ones it reads)
         where = f"{exc.filename}: " if exc.filename else ""

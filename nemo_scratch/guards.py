@@ -6,10 +6,11 @@ and every quantization scale must be finite and >= 0; a weight scale of 0 is acc
 whose codes are all zero (what nvfp4_quantize / fp8_quantize write for an all-zero tensor). Large matrices
 are not read at load (that would read the whole checkpoint).
 
-Forward (``FiniteTrail``, a few lines in Model.hidden / Model.forward): after the embedding lookup and
-after every block a device-side "all finite" flag is kept; the output is checked once, and only when it
-holds NaN or inf are the flags read to find the first stage that went non-finite and that stage's weights
-scanned for the first non-finite tensor, which the NonFiniteError names (layer, NVIDIA tensor name, index).
+Forward (``FiniteTrail`` and ``check_logits``, a few lines in Model.hidden / Model.logits): after the
+embedding lookup and after every block a device-side "all finite" flag is kept; the output is checked once,
+and only when it holds NaN or inf are the flags read to find the first stage that went non-finite and that
+stage's weights scanned for the first non-finite tensor, which the NonFiniteError names (layer, NVIDIA
+tensor name, index). Non-finite logits from a finite hidden state name lm_head (or the MTP head's weights).
 Set ``model.check_finite = False`` to skip the flags (benchmarks).
 """
 

@@ -17,7 +17,7 @@ from hostile_helpers import TINY, assert_error, run_cli, run_subprocess, snapsho
 
 import nemo_scratch
 from nemo_scratch import memory
-from nemo_scratch.checkpoint import load_tensors, random_tensors, write_checkpoint
+from nemo_scratch.checkpoint import SafetensorsFile, load_tensors, random_tensors, write_checkpoint
 from nemo_scratch.errors import InputError, MemoryBudgetError, NonFiniteError
 from nemo_scratch.ops.quant import FP8Weight, NVFP4Weight, fp8_quantize, nvfp4_quantize
 
@@ -168,6 +168,23 @@ def test_bad_fp8_scales_fail_the_load(tmp_path, capsys, scale, fragment):
     w = fp8_quantize(random_tensors(TINY, seed=2)[SHARED])
     ckpt = _quantized(tmp_path, SHARED, FP8Weight(w.data, np.float32(scale)))
     assert_error(run_cli(capsys, "forward", "--checkpoint", ckpt, "--ids", "1"), repr(SHARED), fragment)
+
+
+@pytest.mark.parametrize("tensor, byte, code, fragment", [
+    (EXPERT.replace("weight", "weight_scale"), 3, 0x7F, f"tensor '{EXPERT}_scale' holds a NaN E4M3 code at [3, 0]"),
+    (SHARED, 40, 0xFF, f"tensor '{SHARED}' holds a NaN E4M3 code at [1, 8]"),
+])
+def test_nan_codes_in_packed_weights_fail_the_forward(ckpt, tmp_path, capsys, tensor, byte, code, fragment):
+    """Codes are not read at load (that would read every byte of a checkpoint): the forward names them."""
+    q = tmp_path / "q"
+    assert run_cli(capsys, "quantize", ckpt, q, "--recipe", "ultra").code == 0
+    f = SafetensorsFile(q / "model.safetensors")
+    begin = f._data_start + f._entries[tensor][2][0]
+    with open(q / "model.safetensors", "r+b") as out:
+        out.seek(begin + byte)
+        out.write(bytes([code]))
+    ids = ",".join(str(i) for i in range(60))   # enough tokens that every expert is routed some
+    assert_error(run_cli(capsys, "forward", "--checkpoint", q, "--ids", ids), "layer 2 (moe)", fragment)
 
 
 def test_all_zero_quantized_weight_with_zero_scale_loads(tmp_path):

@@ -84,11 +84,24 @@ def test_deeply_nested_safetensors_header(tmp_path, capsys):
     ('{"hybrid_override_pattern": "M", "hybrid_override_pattern": "E"}', "appears twice"),
     ("\xff\xfe{}", "not valid JSON"),
     ("[1, 2]", "expected a JSON object"),
+    (b'\xef\xbb\xbf{"hybrid_override_pattern": "M"}', "not valid JSON"),
     ("", "not valid JSON"),
 ])
 def test_malformed_config_json(single, capsys, text, fragment):
-    (single / "config.json").write_bytes(text.encode("latin-1"))
+    (single / "config.json").write_bytes(text if isinstance(text, bytes) else text.encode("latin-1"))
     forward_error(capsys, single, str(single / "config.json"), fragment)
+
+
+@pytest.mark.parametrize("quant, fragment", [
+    ({"quantization": {"quant_algo": "NVFP4", "exclude_modules": ["x*"] * 5000}}, "lists 5000 patterns"),
+    ({"quantization": {"quant_algo": "NVFP4", "group_size": 32}}, "group_size' is 32"),
+    ({"quantization": {"quant_algo": "INT3"}}, "'quantization.quant_algo' is 'INT3'"),
+    ({"quantization": {"quant_algo": "MIXED_PRECISION", "quantized_layers": {"a": 7}}}, "quantized_layers['a']"),
+    ({"quantization": 12}, "'quantization' must be a JSON object"),
+])
+def test_malformed_quant_configs(single, capsys, quant, fragment):
+    (single / "hf_quant_config.json").write_text(json.dumps(quant))
+    forward_error(capsys, single, str(single / "hf_quant_config.json"), fragment)
 
 
 def test_oversized_config_json(single, capsys):

@@ -140,6 +140,23 @@ def test_golden_out_file_rules(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["g.safetensors"]
 
 
+def test_disk_full_is_one_line_and_changes_nothing(ckpt, capsys, monkeypatch):
+    before = snapshot(ckpt)
+    monkeypatch.setattr("nemo_scratch.memory.free_disk_bytes", lambda path: 1000)
+    assert_error(run_cli(capsys, "make-random", ckpt, "--overwrite"), "needs about", "on disk", "only 0.0 MiB is free")
+    monkeypatch.undo()
+
+    def full(f, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safe_write, "write_bytes", full)
+    assert_error(run_cli(capsys, "make-random", ckpt, "--overwrite"), str(ckpt), "No space left on device",
+                 "nothing was changed")
+    assert_error(run_cli(capsys, "forward", "--checkpoint", ckpt, "--ids", 1, "--out", ckpt.parent / "l.npy"),
+                 "No space left on device")
+    assert snapshot(ckpt) == before and sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
+
+
 # ---------------------------------------------------------------------------------------------- interruptions
 
 class Interrupt:

@@ -373,13 +373,15 @@ def verify(out_dir, val, args, log=print) -> dict:
 
 
 def save_run(directory, tensors, record):
-    """The finished run, before export: float32 tensors (safetensors, no pickle) + record.json."""
+    """The finished run, before export: float32 tensors (safetensors, no pickle) + record.json. The --state
+    folder is this tool's own and is replaced, atomically (safe_write: an interrupted save keeps the old one)."""
     from safetensors.numpy import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "tensors.safetensors"))
-    (directory / "record.json").write_text(json.dumps(record, indent=1))
+    from nemo_scratch.checkpoint.safe_write import atomic_directory
+
+    with atomic_directory(directory, overwrite=True, what="train_tiny: --state") as tmp:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "record.json").write_text(json.dumps(record, indent=1))
 
 
 def load_run(directory):

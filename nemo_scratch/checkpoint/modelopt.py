@@ -13,8 +13,10 @@ A module name is a tensor name without ".weight" (``backbone.layers.1.mixer.expe
 
 from __future__ import annotations
 
+import fnmatch
+import re
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 
 from ..config import NemotronConfig
@@ -25,6 +27,7 @@ from .schema import TensorSpec, expected_tensors
 FORMATS = ("bf16", "f32", "fp8", "nvfp4")
 RECIPES = ("bf16", "fp8", "nano", "super", "ultra")
 NVFP4_GROUP_SIZE = 16
+MAX_EXCLUDE = 2**12   # exclude_modules globs (the published Nano file lists about a hundred)
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 
 # Kept in float32 whatever the recipe, as NVIDIA ships them (spec section 7: A_log, D, the router bias).
@@ -72,9 +75,14 @@ class QuantConfig:
             return self.layers.get(module, "bf16")
         if self.algo is None or not is_quantizable(module):
             return "bf16"
-        if any(fnmatchcase(module, pattern) for pattern in self.exclude):
+        if self._excluded.match(module):
             return "bf16"
         return self.algo.lower()
+
+    @cached_property
+    def _excluded(self):
+        """The exclude globs as one compiled regex (one match a module, however many patterns)."""
+        return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.exclude) or "(?!)")
 
 
 def _field(raw, key, kind, source, where, default=None):
@@ -146,6 +154,9 @@ def parse_quant_config(raw, source: str = "quantization config") -> QuantConfig:
     exclude = _field(raw, "exclude_modules", list, source, where)
     if exclude is None:
         exclude = _field(raw, "ignore", list, source, where, default=[])
+    if len(exclude) > MAX_EXCLUDE:
+        raise ConfigError(f"{source}: field '{where}exclude_modules' lists {len(exclude)} patterns, more than the "
+                          f"bound {MAX_EXCLUDE}")
     for i, pattern in enumerate(exclude):
         if not isinstance(pattern, str):
             raise ConfigError(f"{source}: field '{where}exclude_modules[{i}]' must be a string, got {brief(pattern)}")

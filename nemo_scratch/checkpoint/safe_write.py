@@ -220,6 +220,10 @@ def atomic_directory(dst, overwrite=False, sources=(), what="write_checkpoint: o
         _fsync_dir(tmp)
         (tmp / MARKER).unlink()
         _commit(tmp, final)
+    except OSError as exc:   # e.g. the disk filled up: the old directory is intact, the temporary goes
+        _remove(tmp)
+        _remove_empty(created)
+        raise error(f"{what}: cannot write {final} ({exc.strerror or exc}); nothing was changed there") from None
     except BaseException:
         _remove(tmp)
         _remove_empty(created)
@@ -278,6 +282,9 @@ def atomic_file(dst, overwrite=False, sources=(), what="output", error=InputErro
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         rename(tmp, final)
+    except OSError as exc:
+        _remove(tmp)
+        raise error(f"{what}: cannot write {final} ({exc.strerror or exc}); nothing was changed there") from None
     except BaseException:
         _remove(tmp)
         raise

@@ -66,6 +66,8 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
     for f in extra_files:
         if not f.is_file():
             raise InputError(f"write_checkpoint: extra file {f} not found")
+    _check_disk(out_dir, sum(_nbytes(array, dtype) for g in groups for _, (array, dtype) in g)
+                + sum(f.stat().st_size for f in extra_files))
     with atomic_directory(out_dir, overwrite, sources, what="write_checkpoint: out_dir") as tmp:
         write_checkpoint_files(tmp, cfg, groups, shards, quant_config)
         for f in extra_files:
@@ -100,6 +102,18 @@ def write_checkpoint_files(directory: Path, cfg, groups, shards=1, quant_config=
         config["quantization_config"] = config_json_entry(quant_config)
     _write_json(directory / CONFIG, config, sort_keys=True)
     return written + [CONFIG]
+
+
+def _check_disk(out_dir, nbytes):
+    """Refuse before writing when the filesystem of ``out_dir`` has less room than the new files need (the
+    old files stay until the new ones are complete, so their room does not count)."""
+    from ..memory import free_disk_bytes, gib
+
+    free = free_disk_bytes(out_dir)
+    need = nbytes + 2**20   # headers, index and config files
+    if free is not None and need > free:
+        raise InputError(f"write_checkpoint: out_dir {out_dir}: the checkpoint needs about {gib(need)} on disk but "
+                         f"only {gib(free)} is free there")
 
 
 def _write_json(path, value, sort_keys=False):
