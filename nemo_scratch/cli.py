@@ -8,25 +8,49 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import signal
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .errors import InputError, NemoScratchError
 
+MAX_DRAFT_DEPTH = 64
+
+
+class Interrupted(BaseException):
+    """SIGTERM turned into an exception, so that writers roll back as they do on Ctrl-C."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
 
 def _ids(text):
     try:
-        return [int(tok) for tok in text.replace(" ", "").split(",") if tok != ""]
+        ids = [int(tok) for tok in text.replace(" ", "").split(",") if tok != ""]
     except ValueError:
-        raise InputError(f"--ids must be comma-separated integers like 1,2,3, got {text!r}") from None
+        raise InputError(f"--ids must be comma-separated integers like 1,2,3, got {text[:100]!r}") from None
+    big = next((i for i in ids if not -2**63 <= i < 2**63), None)
+    if big is not None:
+        raise InputError(f"--ids: token id {str(big)[:40]} is outside the vocabulary")
+    return ids
+
+
+def _checkpoint(args) -> Path:
+    from . import DEFAULT_CHECKPOINT
+
+    return Path(DEFAULT_CHECKPOINT if args.checkpoint is None else args.checkpoint)
 
 
 def _load(args):
     from . import load
 
-    return load(args.checkpoint, backend=args.backend, dtype=args.dtype, dt_floor=args.dt_floor)
+    return load(_checkpoint(args), backend=args.backend, dtype=args.dtype, dt_floor=args.dt_floor)
 
 
 def _prompt_ids(model, args):
@@ -41,12 +65,61 @@ def _prompt_ids(model, args):
     return ids
 
 
+def _sampling(args) -> dict:
+    """The decoding options, every conflict refused: -> generate() keyword arguments.
+
+    --temperature 0 is greedy (argmax); --temperature T > 0 samples; --greedy with T > 0, --top-p or --seed
+    without sampling, --draft-depth without --mtp and --stream with --json are errors, never ignored."""
+    from .guards import check_seed
+
+    t = args.temperature
+    if t is not None and (not math.isfinite(t) or t < 0):
+        raise InputError(f"--temperature {t}: expected a finite number >= 0 (0 = greedy)")
+    sample = t is not None and t > 0
+    if args.greedy and sample:
+        raise InputError(f"--greedy contradicts --temperature {t} (which samples); pass one of them "
+                         "(--temperature 0 is greedy too)")
+    if args.top_p is not None and not sample:
+        raise InputError(f"--top-p {args.top_p} needs sampling: pass --temperature T > 0 with it")
+    if args.top_p is not None and not 0 < args.top_p <= 1:
+        raise InputError(f"--top-p {args.top_p}: expected a number in (0, 1]")
+    if args.seed is not None and not sample:
+        raise InputError(f"--seed {args.seed} has no effect on greedy decoding: pass --temperature T > 0 to "
+                         "sample, or drop --seed")
+    if args.draft_depth is not None and not args.mtp:
+        raise InputError(f"--draft-depth {args.draft_depth} needs --mtp (speculative decoding)")
+    depth = 2 if args.draft_depth is None else args.draft_depth
+    if not 1 <= depth <= MAX_DRAFT_DEPTH:
+        raise InputError(f"--draft-depth {depth}: expected an integer in [1, {MAX_DRAFT_DEPTH}]")
+    if args.stream and args.json:
+        raise InputError("--stream and --json cannot be combined: --json prints one object at the end")
+    if args.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: expected a positive integer")
+    return {"greedy": not sample, "temperature": t if sample else 1.0,
+            "top_p": 1.0 if args.top_p is None else args.top_p, "seed": check_seed(args.seed, "--seed"),
+            "mtp": args.mtp, "draft_depth": depth, "stop_at_eos": args.stop_at_eos}
+
+
+def _out_file(out, overwrite, sources, what):
+    from .checkpoint.safe_write import check_destination
+
+    return check_destination(out, overwrite, sources, what=what, kind="file")
+
+
 # ------------------------------------------------------------------------------------------ commands
 def cmd_forward(args):
-    model = _load(args)
-    logits = model.forward([_ids(args.ids)])
+    from .checkpoint.safe_write import atomic_file
+
+    ids = _ids(args.ids)
     if args.out:
-        np.save(args.out, logits)
+        _out_file(args.out, args.overwrite, [_checkpoint(args)], "forward: --out")
+    elif args.overwrite:
+        raise InputError("--overwrite needs --out")
+    model = _load(args)
+    logits = model.forward([ids])
+    if args.out:
+        with atomic_file(args.out, args.overwrite, [_checkpoint(args)], what="forward: --out") as f:
+            np.save(f, logits)
         print(f"wrote {args.out}: logits {list(logits.shape)} {logits.dtype}")
     else:
         top = np.argmax(logits[0], axis=-1)
@@ -54,15 +127,18 @@ def cmd_forward(args):
 
 
 def cmd_generate(args):
+    options = _sampling(args)
+    if args.prompt is not None:
+        from .model.tokenizer import check_text
+
+        check_text(args.prompt, "--prompt")
     model = _load(args)
     ids = _prompt_ids(model, args)
-    stream = args.stream and not args.json and model.tokenizer is not None
-    on_token = (lambda new: print(model.tokenizer.decode(new), end="", flush=True)) if stream else None
-    if stream:
-        print(model.tokenizer.decode(ids), end="", flush=True)
-    res = model.generate(ids, args.max_new_tokens, greedy=args.greedy or args.temperature is None,
-                         temperature=args.temperature or 1.0, top_p=args.top_p, seed=args.seed, mtp=args.mtp,
-                         draft_depth=args.draft_depth, stop_at_eos=args.stop_at_eos, on_token=on_token)
+    decode = model.tokenizer.decode if model.tokenizer is not None else (lambda t: ",".join(map(str, t)) + ",")
+    on_token = (lambda new: print(decode(new), end="", flush=True)) if args.stream else None
+    if args.stream:
+        print(decode(ids), end="", flush=True)
+    res = model.generate(ids, args.max_new_tokens, on_token=on_token, **options)
     new = res.ids[0].tolist()
     text = model.tokenizer.decode(new) if model.tokenizer is not None else None
     if args.json:
@@ -71,7 +147,7 @@ def cmd_generate(args):
             out["mtp"] = res.stats
         print(json.dumps(out))
         return
-    if stream:
+    if args.stream:
         print()
     else:
         print(text if text is not None else new)
@@ -86,18 +162,20 @@ def cmd_generate(args):
 def cmd_make_random(args):
     from .checkpoint import make_random_checkpoint
     from .config import preset
+    from .guards import check_seed
 
+    check_seed(args.seed, "--seed")
     cfg = preset(args.preset)
     if args.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    make_random_checkpoint(args.out, cfg, seed=args.seed, shards=args.shards)
+    make_random_checkpoint(args.out, cfg, seed=args.seed, shards=args.shards, overwrite=args.overwrite)
     print(f"wrote a random '{args.preset}' checkpoint to {args.out} ({args.shards} shard(s))")
 
 
 def cmd_quantize(args):
     from .checkpoint.convert import quantize_checkpoint
 
-    summary = quantize_checkpoint(args.src, args.dst, args.recipe)
+    summary = quantize_checkpoint(args.src, args.dst, args.recipe, overwrite=args.overwrite)
     print(f"wrote {args.dst} (recipe {args.recipe}): " +
           ", ".join(f"{n} {fmt}" for fmt, n in sorted(summary.items())) + " tensors")
 
@@ -125,6 +203,8 @@ def cmd_plan(args):
             args.config / "config.json" if args.config.is_dir() else args.config)
         cfg = source if args.preset is not None else NemotronConfig.from_json(source)
         report = plan(cfg, args.recipe or "bf16", gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
+    if not math.isfinite(args.gpu_mem_gib) or args.gpu_mem_gib <= 0:
+        raise InputError(f"--gpu-mem-gib {args.gpu_mem_gib}: expected a finite number > 0")
     if not 0 <= args.margin_gib < float("inf"):
         raise InputError(f"plan: --margin-gib must be a finite number >= 0, got {args.margin_gib}")
     placement = plan_placement(source, args.recipe, args.gpus, args.gpu_mem_gib, max_len=args.max_len,
@@ -141,6 +221,11 @@ def cmd_golden(args):
     from .golden import check_golden, write_golden
 
     if args.check:
+        given = [flag for flag, value in (("--op", args.op), ("--out", args.out), ("--shape", args.shape),
+                                          ("--seed", args.seed), ("--overwrite", args.overwrite))
+                 if value not in (None, False, "")]
+        if given:
+            raise InputError(f"golden: --check recomputes an existing file; {', '.join(given)} cannot go with it")
         report = check_golden(args.check)
         for tag, errors in report.items():
             for name, e in errors.items():
@@ -149,17 +234,31 @@ def cmd_golden(args):
         return
     if not args.op or not args.out:
         raise InputError("golden: pass --op NAME and --out FILE (or --check FILE)")
-    path = write_golden(args.op, args.shape, args.out, seed=args.seed)
+    path = write_golden(args.op, args.shape, args.out, seed=0 if args.seed is None else args.seed,
+                        overwrite=args.overwrite)
     print(f"wrote {path}")
 
 
 def cmd_demo(args):
     from .demo import run_demo
+    from .model.tokenizer import check_text
 
+    if args.prompt is not None:
+        check_text(args.prompt, "--prompt")
+    if args.max_new_tokens < 1 or not 1 <= args.draft_depth <= MAX_DRAFT_DEPTH:
+        raise InputError(f"demo: --max-new-tokens must be >= 1 and --draft-depth in [1, {MAX_DRAFT_DEPTH}], got "
+                         f"{args.max_new_tokens} and {args.draft_depth}")
     run_demo(prompt=args.prompt, max_new_tokens=args.max_new_tokens, draft_depth=args.draft_depth)
 
 
 # ------------------------------------------------------------------------------------------ parser
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are nemo_scratch errors: one line ``error: ...``, exit status 2."""
+
+    def error(self, message):
+        raise InputError(f"{message} (see {self.prog} --help)")
+
+
 def _model_args(p):
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint directory (default: the bundled tiny trained model)")
@@ -170,14 +269,19 @@ def _model_args(p):
                         "or a number")
 
 
+def _overwrite(p, what):
+    p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (refused otherwise)")
+
+
 def build_parser():
-    parser = argparse.ArgumentParser(prog="nemo-scratch", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="nemo-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("forward", help="logits for a list of token ids")
     _model_args(p)
     p.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--out", help="write the float32 logits [1, t, v] to this .npy file")
+    p.add_argument("--out", type=Path, help="write the float32 logits [1, t, v] to this .npy file")
+    _overwrite(p, "--out file")
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("generate", help="generate tokens (greedy, sampling, or MTP speculative decoding)")
@@ -186,12 +290,12 @@ def build_parser():
     src.add_argument("--ids", help="comma-separated prompt token ids")
     src.add_argument("--prompt", help="prompt text (tokenizer.json or the byte-level tokenizer)")
     p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature)")
-    p.add_argument("--temperature", type=float, default=None)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature > 0)")
+    p.add_argument("--temperature", type=float, default=None, help="sample at this temperature; 0 = greedy")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --temperature > 0)")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head")
-    p.add_argument("--draft-depth", type=int, default=2, help="MTP draft tokens per round (default 2)")
+    p.add_argument("--draft-depth", type=int, default=None, help="MTP draft tokens per round (default 2)")
     p.add_argument("--stop-at-eos", action="store_true")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help='print {"ids", "text", "tokens_per_s"[, "mtp"]}')
@@ -203,12 +307,14 @@ def build_parser():
     p.add_argument("--shards", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layers")
+    _overwrite(p, "directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_make_random)
 
     p = sub.add_parser("quantize", help="write a ModelOpt NVFP4/FP8 checkpoint from a BF16 one")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
     p.add_argument("--recipe", default="ultra", choices=["ultra", "super", "nano", "fp8"])
+    _overwrite(p, "destination directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="tensors by block type and format, bytes, bits per parameter")
@@ -242,7 +348,8 @@ def build_parser():
     p.add_argument("--shape", default="", help="dimension sizes, e.g. b=1,t=16,h=4,p=8,g=2,n=8")
     p.add_argument("--out", type=Path)
     p.add_argument("--check", type=Path, help="recompute an existing golden file and compare")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None, help="input seed (default 0)")
+    _overwrite(p, "--out file")
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("demo", help="the bundled trained model: generate with and without MTP")
@@ -253,13 +360,57 @@ def build_parser():
     return parser
 
 
+def _on_sigterm(signum, frame):
+    raise Interrupted(signum)
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """Run one command: 0 on success, 2 with one line ``error: ...`` on any failure we can name, 130/143 when
+    interrupted by Ctrl-C / SIGTERM (a write in progress is rolled back first)."""
+    for stream in (sys.stdout, sys.stderr):   # a path or text with non-UTF-8 bytes must not crash a print
+        try:
+            stream.reconfigure(errors="backslashreplace")
+        except (AttributeError, ValueError, OSError):
+            pass
     try:
-        args.func(args)
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:   # not the main thread
+        previous = None
+    try:
+        args = build_parser().parse_args(argv)
+        # NaN/inf are reported by the finiteness checks (guards.py), so NumPy's warnings would only add lines
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.showwarning = _one_line_warning
+            args.func(args)
     except NemoScratchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except BrokenPipeError:
+        return _fail(exc)
+    except KeyboardInterrupt:
+        return _fail("interrupted by Ctrl-C (any write in progress was rolled back)", 130)
+    except Interrupted:
+        return _fail("interrupted by SIGTERM (any write in progress was rolled back)", 143)
+    except BrokenPipeError:   # e.g. `| head`: stop quietly, and keep Python from complaining at exit
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
         return 0
+    except OSError as exc:   # a file the package did not name itself (it names the ones it reads)
+        where = f"{exc.filename}: " if exc.filename else ""
+        return _fail(f"{where}{exc.strerror or exc}")
+    except MemoryError:
+        return _fail("out of memory (the estimate in nemo_scratch/memory.py missed this call); "
+                     "try a smaller input or --dtype float32")
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def _one_line_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {' '.join(str(message).splitlines())}", file=sys.stderr)
+
+
+def _fail(exc, status=2):
+    message = " ".join(str(exc).split("\n"))
+    print(f"error: {message}", file=sys.stderr)
+    return status

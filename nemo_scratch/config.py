@@ -7,6 +7,21 @@ Both spellings of the layer pattern are accepted:
 - NVIDIA / legacy: ``hybrid_override_pattern = "MEM*E-"`` (M mamba, E moe, * attention, - mlp)
 
 Internally a block type is one of ``"mamba", "attention", "moe", "mlp"``.
+
+Strictness. Everything below is a ConfigError naming the field (transformers would accept the first four
+silently or with a warning; Deviation: a contradiction here means the file is wrong, and a wrong guess
+would give logits of a different model):
+- a wrong type: a string "false" for a boolean, a string or bool for a number, a float for an integer;
+- a value out of its bounds (BOUNDS, checked before anything is sized from it: a config with millions of
+  experts or layers fails at once), or a model past MAX_PARAMS parameters / MAX_TENSORS tensors;
+- a non-finite float (layer_norm_epsilon, routed_scaling_factor, time_step_min/max; time_step_limit's max
+  alone may be infinite);
+- ``num_hidden_layers`` contradicting the length of the layer pattern (transformers warns and uses the
+  pattern);
+- a feature this reference does not implement: mamba_hidden_act other than "silu", mlp_hidden_act other
+  than "relu2", attention_bias / mlp_bias / use_bias / mamba_proj_bias true;
+- num_nextn_predict_layers > 0 with an empty MTP pattern; and the consistency rules of ``validate``.
+A warning (UserWarning naming the field), as in transformers: a ``model_type`` other than "nemotron_h".
 """
 
 from __future__ import annotations
@@ -17,13 +32,10 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .config_parse import (BLOCK_ALIASES, BLOCK_TYPES, CHAR_BLOCK, MAX_LAYERS, PATTERN_CHAR,  # noqa: F401
+                           block_list, check_raw, number, pattern_blocks, step_limit)
 from .errors import ConfigError
-
-BLOCK_TYPES = ("mamba", "attention", "moe", "mlp")
-PATTERN_CHAR = {"mamba": "M", "attention": "*", "moe": "E", "mlp": "-"}
-CHAR_BLOCK = {c: b for b, c in PATTERN_CHAR.items()}
-# Names transformers and vLLM use for the same four mixers.
-BLOCK_ALIASES = {"linear_attention": "mamba", "full_attention": "attention", "mamba2": "mamba"}
+from .presets import PRESETS, preset  # noqa: F401  (re-exported: nemo_scratch.config.preset)
 
 # Legacy config.json keys -> the current field name.
 LEGACY_KEYS = {
@@ -34,7 +46,18 @@ LEGACY_KEYS = {
     "num_local_experts": "n_routed_experts",
 }
 
-
+# Upper bounds of the integer fields: generous (the largest published model is well inside), and checked
+# before any size is computed from them.
+BOUNDS = {
+    "vocab_size": 2**24, "hidden_size": 2**17, "num_attention_heads": 2**12, "num_key_value_heads": 2**12,
+    "head_dim": 2**12, "mamba_num_heads": 2**13, "mamba_head_dim": 2**12, "n_groups": 2**12,
+    "ssm_state_size": 2**12, "conv_kernel": 64, "chunk_size": 2**16, "n_routed_experts": 2**14,
+    "num_experts_per_tok": 2**10, "moe_intermediate_size": 2**20, "moe_shared_expert_intermediate_size": 2**20,
+    "moe_latent_size": 2**17, "n_group": 2**14, "topk_group": 2**14, "intermediate_size": 2**20,
+    "num_nextn_predict_layers": 64, "max_position_embeddings": 2**40,
+}
+MAX_PARAMS = 2**43          # ~8.8e12 parameters
+MAX_TENSORS = 2**21         # ~2.1e6 checkpoint tensors
 @dataclass
 class NemotronConfig:
     """The geometry of a Nemotron-H / Nemotron 3 model. Field names are the config.json keys."""
@@ -125,22 +148,39 @@ class NemotronConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}")
+            if value > BOUNDS.get(name, value):
+                raise ConfigError(f"config field {name!r} is {value}, more than the bound {BOUNDS[name]} "
+                                  "(nemo_scratch.config.BOUNDS)")
 
         for name in ("vocab_size", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
                      "mamba_num_heads", "mamba_head_dim", "n_groups", "ssm_state_size", "conv_kernel",
                      "chunk_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
-                     "n_group", "topk_group", "intermediate_size"):
+                     "n_group", "topk_group", "intermediate_size", "max_position_embeddings"):
             positive(name)
-        # Deviation: 0 means "no shared expert" here; transformers always builds one (a size of 0 falls back
-        # to intermediate_size there), so such a config is ours alone and has no transformers twin.
-        if not isinstance(self.moe_shared_expert_intermediate_size, int) or self.moe_shared_expert_intermediate_size < 0:
-            raise ConfigError("config field 'moe_shared_expert_intermediate_size' must be an integer >= 0 "
-                              f"(0 = no shared expert), got {self.moe_shared_expert_intermediate_size!r}")
+        for name in ("use_conv_bias", "norm_topk_prob", "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"config field {name!r} must be true or false, got {getattr(self, name)!r}")
+        for name in ("layers_block_type", "mtp_layers_block_type"):
+            blocks = getattr(self, name)
+            if not isinstance(blocks, (list, tuple)) or len(blocks) > MAX_LAYERS:
+                raise ConfigError(f"config field {name!r} must be a list of at most {MAX_LAYERS} block types, got "
+                                  f"{type(blocks).__name__} of length {len(blocks) if hasattr(blocks, '__len__') else '?'}")
+        for name in ("layer_norm_epsilon", "routed_scaling_factor", "time_step_min", "time_step_max"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a finite number > 0, got {value!r}")
+        if self.time_step_min > self.time_step_max:
+            raise ConfigError(f"config fields 'time_step_min' ({self.time_step_min}) and 'time_step_max' "
+                              f"({self.time_step_max}): expected min <= max")
         if self.moe_latent_size is not None:
             positive("moe_latent_size")
-        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
-            raise ConfigError("config field 'num_nextn_predict_layers' must be an integer >= 0, "
-                              f"got {self.num_nextn_predict_layers!r}")
+        nextn = self.num_nextn_predict_layers
+        if isinstance(nextn, bool) or not isinstance(nextn, int) or not 0 <= nextn <= BOUNDS["num_nextn_predict_layers"]:
+            raise ConfigError("config field 'num_nextn_predict_layers' must be an integer in "
+                              f"[0, {BOUNDS['num_nextn_predict_layers']}], got {nextn!r}")
+        if nextn and not self.mtp_layers_block_type:
+            raise ConfigError(f"config field 'mtp_layers_block_type' (or 'mtp_hybrid_override_pattern') is empty "
+                              f"but 'num_nextn_predict_layers' is {nextn}: an MTP head needs at least one layer")
         if not self.layers_block_type:
             raise ConfigError("config field 'layers_block_type' (or 'hybrid_override_pattern') is empty: "
                               "a model needs at least one layer")
@@ -168,13 +208,31 @@ class NemotronConfig:
             raise ConfigError(f"config fields 'topk_group' x experts per group ({self.topk_group} x {per_group}) "
                               f"must be >= 'num_experts_per_tok' ({self.num_experts_per_tok})")
         lo, hi = self.time_step_limit
-        if not (0.0 <= lo <= hi):
-            raise ConfigError(f"config field 'time_step_limit' must be (min, max) with 0 <= min <= max, got {lo, hi}")
-        if not self.layer_norm_epsilon > 0:
-            raise ConfigError(f"config field 'layer_norm_epsilon' must be > 0, got {self.layer_norm_epsilon!r}")
-        if not self.routed_scaling_factor > 0:
-            raise ConfigError(f"config field 'routed_scaling_factor' must be > 0, got {self.routed_scaling_factor!r}")
+        if not (0.0 <= lo <= hi) or not math.isfinite(lo):
+            raise ConfigError(f"config field 'time_step_limit' must be (min, max) with 0 <= min <= max and min "
+                              f"finite, got {lo, hi}")
+        self._check_size()
         return self
+
+    def _check_size(self):
+        """The tensor and parameter counts this config implies, from the formulas (no list is built)."""
+        d, e, l_ = self.hidden_size, self.n_routed_experts, self.moe_input_width
+        sh, lat = self.moe_shared_expert_intermediate_size, self.moe_latent_size or 0
+        per_block = {  # (tensors, parameters) of one block, its norm included (checkpoint/schema.py)
+            "mamba": (8 + self.use_conv_bias, self.in_proj_out * d + self.conv_dim * (self.conv_kernel + 1)
+                      + 3 * self.mamba_num_heads + self.mamba_intermediate * (d + 1) + d),
+            "attention": (5, 2 * (self.num_attention_heads + self.num_key_value_heads) * self.head_dim * d + d),
+            "moe": (3 + 2 * e + 2 * bool(sh) + 2 * bool(lat),
+                    e * (d + 1) + 2 * e * self.moe_intermediate_size * l_ + 2 * sh * d + 2 * lat * d + d),
+            "mlp": (3, 2 * self.intermediate_size * d + d),
+        }
+        blocks = list(self.layers_block_type) + list(self.mtp_layers_block_type) * self.num_nextn_predict_layers
+        tensors = 3 + sum(per_block[b][0] for b in blocks)
+        params = 2 * self.vocab_size * d + sum(per_block[b][1] for b in blocks)
+        if tensors > MAX_TENSORS or params > MAX_PARAMS:
+            raise ConfigError(f"config describes {tensors:,} tensors and {params:.3e} parameters, more than the "
+                              f"bounds of {MAX_TENSORS:,} tensors and {MAX_PARAMS:.3e} parameters (see n_routed_experts "
+                              f"= {e}, {len(self.layers_block_type)} layers, hidden_size = {d})")
 
     # ------------------------------------------------------------------ reading and writing config.json
     @classmethod
@@ -182,22 +240,29 @@ class NemotronConfig:
         """Build from the dict of an HF config.json (new or legacy keys). ``source`` names it in errors."""
         if not isinstance(raw, dict):
             raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
+        check_raw(raw, source)
         data = dict(raw)
         for old, new in LEGACY_KEYS.items():
             if old in data and new not in data:
                 data[new] = data.pop(old)
         if "layers_block_type" in data and data["layers_block_type"] is not None:
-            data["layers_block_type"] = _block_list(data["layers_block_type"], "layers_block_type", source)
+            data["layers_block_type"] = block_list(data["layers_block_type"], "layers_block_type", source)
         elif "hybrid_override_pattern" in data:
-            data["layers_block_type"] = _pattern_blocks(data["hybrid_override_pattern"], "hybrid_override_pattern",
+            data["layers_block_type"] = pattern_blocks(data["hybrid_override_pattern"], "hybrid_override_pattern",
                                                         source)
         else:
             raise ConfigError(f"{source}: neither 'layers_block_type' nor 'hybrid_override_pattern' is present")
         data.pop("hybrid_override_pattern", None)
+        layers = data.get("num_hidden_layers")
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int)
+                                   or layers != len(data["layers_block_type"])):
+            raise ConfigError(f"{source}: field 'num_hidden_layers' is {layers!r} but the layer pattern has "
+                              f"{len(data['layers_block_type'])} layers; expected them to agree (or leave "
+                              "num_hidden_layers out)")
         if data.get("mtp_layers_block_type") is not None:
-            data["mtp_layers_block_type"] = _block_list(data["mtp_layers_block_type"], "mtp_layers_block_type", source)
+            data["mtp_layers_block_type"] = block_list(data["mtp_layers_block_type"], "mtp_layers_block_type", source)
         elif data.get("mtp_hybrid_override_pattern"):
-            data["mtp_layers_block_type"] = _pattern_blocks(data["mtp_hybrid_override_pattern"],
+            data["mtp_layers_block_type"] = pattern_blocks(data["mtp_hybrid_override_pattern"],
                                                             "mtp_hybrid_override_pattern", source)
         else:
             data.pop("mtp_layers_block_type", None)
@@ -205,7 +270,7 @@ class NemotronConfig:
         if data.get("num_key_value_heads") is None and "num_attention_heads" in data:
             data["num_key_value_heads"] = data["num_attention_heads"]
         if "time_step_limit" in data:
-            data["time_step_limit"] = _limit(data["time_step_limit"], source)
+            data["time_step_limit"] = step_limit(data["time_step_limit"], source)
         if data.get("num_nextn_predict_layers") is None:
             data["num_nextn_predict_layers"] = 0
 
@@ -213,8 +278,15 @@ class NemotronConfig:
         kwargs = {k: v for k, v in data.items() if k in known}
         extra = {k: v for k, v in data.items() if k not in known}
         for f in dataclasses.fields(cls):
-            if f.name in kwargs and f.type in ("int", "float") and kwargs[f.name] is not None:
-                kwargs[f.name] = _number(kwargs[f.name], f.name, f.type, source)
+            kind = f.type.replace(" | None", "")
+            if f.name in kwargs and kind in ("int", "float") and kwargs[f.name] is not None:
+                kwargs[f.name] = number(kwargs[f.name], f.name, kind, source)
+            elif f.name in kwargs and kind in ("bool", "str") and not isinstance(kwargs[f.name], {"bool": bool,
+                                                                                                   "str": str}[kind]):
+                if kind == "str" and kwargs[f.name] is None:
+                    continue
+                expected = "true or false" if kind == "bool" else "a string"
+                raise ConfigError(f"{source}: field {f.name!r} must be {expected}, got {kwargs[f.name]!r}")
         try:
             cfg = cls(**kwargs, extra=extra)
         except TypeError as exc:  # pragma: no cover - dataclass signature mismatch
@@ -226,18 +298,14 @@ class NemotronConfig:
 
     @classmethod
     def from_json(cls, path) -> "NemotronConfig":
+        from .strict_json import read_json
+
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        try:
-            text = path.read_text()
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: file not found (a checkpoint directory needs a config.json)") from None
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(raw, source=str(path))
+        if not path.exists():
+            raise ConfigError(f"{path}: file not found (a checkpoint directory needs a config.json)")
+        return cls.from_dict(read_json(path, error=ConfigError, expect=None), source=str(path))
 
     def to_dict(self) -> dict:
         """The HF config.json dict, in NVIDIA's layout (hybrid_override_pattern, model_type nemotron_h)."""
@@ -262,139 +330,14 @@ class NemotronConfig:
         return out
 
     def save(self, directory) -> Path:
+        """Write ``directory``/config.json (atomically; an existing one is replaced)."""
+        from .checkpoint.safe_write import atomic_file
+
         path = Path(directory) / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        with atomic_file(path, overwrite=True, what=str(path), error=ConfigError) as f:
+            f.write((json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode("utf-8"))
         return path
 
     def replace(self, **changes) -> "NemotronConfig":
         return dataclasses.replace(self, **changes).validate()
 
-
-def _number(value, name, kind, source):
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{source}: field {name!r} must be a number, got {value!r}")
-    if kind == "int":
-        if isinstance(value, float) and not value.is_integer():
-            raise ConfigError(f"{source}: field {name!r} must be an integer, got {value!r}")
-        return int(value)
-    return float(value)
-
-
-def _limit(value, source):
-    if value is None:
-        return (0.0, math.inf)
-    def number(v):  # transformers 5.x writes inf as {"__float__": "Infinity"}; others write "inf" or Infinity
-        return float(v["__float__"]) if isinstance(v, dict) and "__float__" in v else float(v)
-
-    try:
-        lo, hi = (number(v) for v in value)
-    except (TypeError, ValueError, KeyError):
-        raise ConfigError(f"{source}: field 'time_step_limit' must be a pair [min, max], got {value!r}") from None
-    return (lo, hi)
-
-
-def _block_list(value, name, source):
-    if isinstance(value, str):
-        return _pattern_blocks(value, name, source)
-    if not isinstance(value, (list, tuple)):
-        raise ConfigError(f"{source}: field {name!r} must be a list of block types, got {value!r}")
-    out = []
-    for i, b in enumerate(value):
-        b = BLOCK_ALIASES.get(b, b)
-        if b not in BLOCK_TYPES:
-            raise ConfigError(f"{source}: field {name!r}[{i}] is {b!r}: expected one of "
-                              f"{BLOCK_TYPES + tuple(BLOCK_ALIASES)}")
-        out.append(b)
-    return out
-
-
-def _pattern_blocks(pattern, name, source):
-    if not isinstance(pattern, str):
-        raise ConfigError(f"{source}: field {name!r} must be a string like 'ME*-', got {pattern!r}")
-    out = []
-    for i, ch in enumerate(pattern):
-        if ch not in CHAR_BLOCK:
-            raise ConfigError(f"{source}: field {name!r} has {ch!r} at position {i}: expected one of "
-                              "M (mamba), E (moe), * (attention), - (mlp)")
-        out.append(CHAR_BLOCK[ch])
-    return out
-
-
-# ---------------------------------------------------------------------------------------------- presets
-
-def _alternate_me(num_layers: int, attention_at) -> str:
-    """Attention at the given layers; the rest alternate M, E, M, E... (the Nano/Super/Ultra layout)."""
-    out, k = [], 0
-    for i in range(num_layers):
-        if i in attention_at:
-            out.append("*")
-        else:
-            out.append("ME"[k % 2])
-            k += 1
-    return "".join(out)
-
-
-NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
-SUPER_PATTERN = ("MEMEMEM*EMEMEMEM*EMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEMEM*EMEMEMEM*"
-                 "EMEMEMEME")
-# Ultra: attention layers from one third-party blog [3p]; the rest alternate M/E -> 48 M, 48 E, 12 *.
-ULTRA_PATTERN = _alternate_me(108, {7, 14, 23, 32, 39, 48, 57, 64, 73, 82, 89, 98})
-
-_COMMON_REAL = dict(vocab_size=131072, head_dim=128, mamba_head_dim=64, n_groups=8, ssm_state_size=128,
-                    conv_kernel=4, chunk_size=128, max_position_embeddings=262144, layer_norm_epsilon=1e-5)
-
-PRESETS = {
-    # A toy with every block type, LatentMoE, group-limited routing and one MTP layer: runs in milliseconds.
-    "tiny": dict(
-        hybrid_override_pattern="M*E-ME", vocab_size=256, hidden_size=32,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
-        mamba_num_heads=4, mamba_head_dim=8, n_groups=2, ssm_state_size=8, conv_kernel=4, chunk_size=8,
-        n_routed_experts=8, num_experts_per_tok=3, moe_intermediate_size=16,
-        moe_shared_expert_intermediate_size=32, moe_latent_size=16, n_group=2, topk_group=1,
-        routed_scaling_factor=2.5, intermediate_size=48, num_nextn_predict_layers=1,
-        mtp_hybrid_override_pattern="*E", max_position_embeddings=512,
-    ),
-    # Tens of millions of parameters, every block type and LatentMoE: the CPU benchmark's model.
-    "small": dict(
-        hybrid_override_pattern="MEM*EMEM-E", vocab_size=8192, hidden_size=512,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64,
-        mamba_num_heads=16, mamba_head_dim=64, n_groups=4, ssm_state_size=64, conv_kernel=4, chunk_size=64,
-        n_routed_experts=32, num_experts_per_tok=4, moe_intermediate_size=512,
-        moe_shared_expert_intermediate_size=1024, moe_latent_size=256, routed_scaling_factor=2.5,
-        intermediate_size=1536, max_position_embeddings=4096,
-    ),
-    # nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B-BF16 (spec section 8; agreeing third-party copies).
-    "nano": dict(
-        _COMMON_REAL, hybrid_override_pattern=NANO_PATTERN, hidden_size=2688,
-        num_attention_heads=32, num_key_value_heads=2, mamba_num_heads=64,
-        n_routed_experts=128, num_experts_per_tok=6, moe_intermediate_size=1856,
-        moe_shared_expert_intermediate_size=3712, routed_scaling_factor=2.5, intermediate_size=1856,
-    ),
-    # nvidia/NVIDIA-Nemotron-3-Super-120B-A12B (spec section 8; third-party transcription of config.json).
-    "super": dict(
-        _COMMON_REAL, hybrid_override_pattern=SUPER_PATTERN, hidden_size=4096,
-        num_attention_heads=32, num_key_value_heads=2, mamba_num_heads=128,
-        n_routed_experts=512, num_experts_per_tok=22, moe_intermediate_size=2688, moe_latent_size=1024,
-        moe_shared_expert_intermediate_size=5376, routed_scaling_factor=5.0, intermediate_size=2688,
-        num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E",
-    ),
-    # Nemotron 3 Ultra 550B-A55B: NO official config.json was found (spec section 8).
-    # Agreed by >= 3 third-party sources: hidden 8192, 108 layers (48 M / 48 E / 12 *), 64 q / 2 kv heads,
-    #   256 mamba heads x 64, 512 experts top-22, moe_intermediate_size 5120.
-    # From one blog only (weaker): moe_latent_size 2048, shared expert 10240, routed_scaling_factor 5.0,
-    #   n_group 1, the attention layer positions, MTP "*E".
-    "ultra": dict(
-        _COMMON_REAL, hybrid_override_pattern=ULTRA_PATTERN, hidden_size=8192,
-        num_attention_heads=64, num_key_value_heads=2, mamba_num_heads=256,
-        n_routed_experts=512, num_experts_per_tok=22, moe_intermediate_size=5120, moe_latent_size=2048,
-        moe_shared_expert_intermediate_size=10240, routed_scaling_factor=5.0, intermediate_size=5120,
-        num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*E",
-    ),
-}
-
-
-def preset(name: str, **overrides) -> NemotronConfig:
-    """A NemotronConfig for one of PRESETS (``tiny``, ``small``, ``nano``, ``super``, ``ultra``)."""
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}: expected one of {sorted(PRESETS)}")
-    return NemotronConfig.from_dict({**PRESETS[name], **overrides}, source=f"preset {name!r}")

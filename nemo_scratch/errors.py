@@ -45,3 +45,12 @@ class DeviceError(NemoScratchError, ValueError):
 class DeviceMemoryError(NemoScratchError, MemoryError):
     """A device's memory budget would be exceeded; the message names the device, the request, what is in use
     and the budget."""
+
+
+class MemoryBudgetError(NemoScratchError, MemoryError):
+    """A call would need more memory than this machine has available (estimated before allocating); the
+    message says how much it needs, how much is available and which option helps (nemo_scratch/memory.py)."""
+
+
+class NonFiniteError(NemoScratchError, FloatingPointError):
+    """A forward pass produced NaN or inf; the message names the first layer and tensor that went non-finite."""

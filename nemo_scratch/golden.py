@@ -8,16 +8,26 @@ and string metadata: op, dims and static (JSON), seed, nemo_scratch_version, tol
 kernel_tolerance_key (keys of tests/tolerances.py, or "exact" for bit-exact decodes) and kernel_rtol /
 kernel_atol (the float32 kernel tolerance, copied for readers without the table). docs/oracle.md says how
 to read and compare it; ``check_golden(path)`` recomputes with the reference and compares.
+
+Bounds: every dimension is at most MAX_DIM and the inputs of one file at most MAX_ELEMENTS elements; the
+memory the reference needs is estimated from the dims (``golden_bytes``) and refused before anything is
+drawn when it exceeds what the machine has (nemo_scratch/memory.py). A file read back must hold exactly
+the inputs and outputs of its op, with the shapes its ``dims`` metadata implies (``INPUT_SHAPES``), its
+static arguments and tolerance key must be the ones the op takes: anything else is a CheckpointError
+naming the file and the tensor or field.
 """
 
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 
 from .errors import CheckpointError, InputError, NemoScratchError
 from .ops import attention, conv, moe, norm, quant, ssd
+from .golden_sizes import INPUT_SHAPES, MAX_DIM, MAX_ELEMENTS, check_size, golden_bytes  # noqa: F401
+from .strict_json import brief, parse_json
 
 EXACT = "exact"   # the tolerance key of bit-exact decodes: compare bit patterns, never "close"
 
@@ -180,12 +190,13 @@ def parse_dims(op, spec):
         name, _, value = item.partition("=")
         if name not in dims:
             raise InputError(f"--shape: {op} has no dimension {name!r}; its dimensions are {sorted(dims)}")
-        try:
-            dims[name] = int(value)
-        except ValueError:
-            raise InputError(f"--shape: {name}={value!r} is not an integer") from None
+        if not re.fullmatch(r"[+-]?[0-9]{1,30}", value.strip()):
+            raise InputError(f"--shape: {name}={value!r} is not an integer")
+        dims[name] = int(value)
         if dims[name] <= 0:
             raise InputError(f"--shape: {name} must be positive, got {dims[name]}")
+        if dims[name] > MAX_DIM:
+            raise InputError(f"--shape: {name}={dims[name]} is more than the bound {MAX_DIM} of a golden dimension")
     return dims
 
 
@@ -198,14 +209,19 @@ def compute(op, inputs, static, dtype):
     return out if isinstance(out, tuple) else (out,)
 
 
-def write_golden(op, shape_spec, out, seed=0):
-    """Write the golden file of ``op`` at the dims ``shape_spec`` ('t=40,chunk=16') to ``out``; return out."""
+def write_golden(op, shape_spec, out, seed=0, overwrite=False):
+    """Write the golden file of ``op`` at the dims ``shape_spec`` ('t=40,chunk=16') to ``out``; return out.
+
+    An existing ``out`` is refused unless ``overwrite=True``; the file appears only once complete."""
     from . import __version__
+    from .checkpoint.safe_write import check_destination
     from .checkpoint.safetensors_io import write_safetensors
 
     dims = parse_dims(op, shape_spec)
-    if not isinstance(seed, (int, np.integer)) or seed < 0:
-        raise InputError(f"--seed must be a non-negative integer, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**64:
+        raise InputError(f"--seed must be a non-negative integer below 2**64, got {seed!r}")
+    check_destination(out, overwrite, what="golden: --out", kind="file")
+    check_size(op, dims)
     rng = np.random.default_rng(seed)
     key = OPS[op][4]
     try:
@@ -221,12 +237,14 @@ def write_golden(op, shape_spec, out, seed=0):
     meta = {"op": op, "dims": json.dumps(dims), "static": json.dumps(static), "seed": str(seed),
             "tolerance_key": key, "kernel_tolerance_key": kernel_key(key), "kernel_rtol": repr(float(kernel_rtol)),
             "kernel_atol": repr(float(kernel_atol)), "nemo_scratch_version": __version__}
+    check_destination(out, overwrite, what="golden: --out", kind="file")
     write_safetensors(out, {name: (np.asarray(v), _st_dtype(v)) for name, v in tensors.items()}, metadata=meta)
     return out
 
 
 def read_golden(path):
-    """(op, inputs, static kwargs, {"out64": {...}, "out32": {...}}, metadata) from a golden file."""
+    """(op, inputs, static kwargs, {"out64": {...}, "out32": {...}}, metadata) from a golden file, validated:
+    metadata fields, input names, dtypes and shapes (against ``dims``), output names."""
     from .checkpoint.safetensors_io import SafetensorsFile
 
     f = SafetensorsFile(path)
@@ -235,19 +253,58 @@ def read_golden(path):
     if missing:
         raise CheckpointError(f"{path}: not a golden file: its metadata lacks {missing} (write one with "
                               "`nemo-scratch golden`)")
-    if meta["op"] not in OPS:
-        raise CheckpointError(f"{path}: golden file of op {meta['op']!r}, expected one of {sorted(OPS)}")
+    op = meta["op"]
+    if op not in OPS:
+        raise CheckpointError(f"{path}: golden file of op {brief(op)}, expected one of {sorted(OPS)}")
+    defaults, make = OPS[op][0], OPS[op][1]
+    want_inputs, want_static = make(np.random.default_rng(0), defaults)   # names and dtypes, at the small defaults
+    dims = _meta_json(path, meta, "dims") if "dims" in meta else None
+    if dims is not None:
+        if sorted(dims) != sorted(defaults) or not all(isinstance(v, int) and not isinstance(v, bool)
+                                                       and 0 < v <= MAX_DIM for v in dims.values()):
+            raise CheckpointError(f"{path}: metadata 'dims' is {brief(dims)}, expected positive integers "
+                                  f"<= {MAX_DIM} for {sorted(defaults)}")
+        shapes = INPUT_SHAPES[op](dims)
     inputs, outs = {}, {"out64": {}, "out32": {}}
     for name in f.keys():
-        tag, _, key = name.partition(".")
-        if tag not in ("in", "out64", "out32") or not key:
+        tag, _, arg = name.partition(".")
+        if tag not in ("in", "out64", "out32") or not arg:
             raise CheckpointError(f"{path}: tensor {name!r} is not in.<arg>, out64.<name> or out32.<name>")
-        (inputs if tag == "in" else outs[tag])[key] = np.array(f.get(name))
+        if tag == "in":
+            if arg not in want_inputs:
+                raise CheckpointError(f"{path}: tensor {name!r} is not an input of {op} ({sorted(want_inputs)})")
+            if f.dtype_of(name) != _st_dtype(want_inputs[arg]):
+                raise CheckpointError(f"{path}: tensor {name!r} is {f.dtype_of(name)}, expected "
+                                      f"{_st_dtype(want_inputs[arg])}")
+            if dims is not None and tuple(f.shape_of(name)) != tuple(shapes[arg]):
+                raise CheckpointError(f"{path}: tensor {name!r} has shape {list(f.shape_of(name))}, but the "
+                                      f"metadata dims {dims} give {list(shapes[arg])}")
+        (inputs if tag == "in" else outs[tag])[arg] = np.array(f.get(name))
     for tag, found in outs.items():
-        if sorted(found) != sorted(OPS[meta["op"]][3]):
+        if sorted(found) != sorted(OPS[op][3]):
             raise CheckpointError(f"{path}: {tag} holds {sorted(found)}, expected the outputs "
-                                  f"{sorted(OPS[meta['op']][3])} of {meta['op']}")
-    return meta["op"], inputs, json.loads(meta["static"]), outs, meta
+                                  f"{sorted(OPS[op][3])} of {op}")
+    if sorted(inputs) != sorted(want_inputs):
+        raise CheckpointError(f"{path}: inputs {sorted(inputs)}, expected in.<arg> for {sorted(want_inputs)} of {op}")
+    static = _meta_json(path, meta, "static")
+    if sorted(static) != sorted(want_static) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in static.values()):
+        raise CheckpointError(f"{path}: metadata 'static' is {brief(static)}, expected the numeric arguments "
+                              f"{sorted(want_static)} of {op}")
+    key = meta["tolerance_key"]
+    if key != EXACT and (key, "float32") not in tolerance_table():
+        raise CheckpointError(f"{path}: metadata 'tolerance_key' {brief(key)} is not a key of "
+                              "nemo_scratch/tolerances.py (nor 'exact')")
+    if dims is not None:
+        check_size(op, dims, where=f"{path}: dims")
+    return op, inputs, static, outs, meta
+
+
+def _meta_json(path, meta, key) -> dict:
+    value = parse_json(meta[key], f"{path}: metadata {key!r}", error=CheckpointError)
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path}: metadata {key!r} is {brief(value)}, expected a JSON object")
+    return value
 
 
 def check_golden(path):
@@ -261,8 +318,11 @@ def check_golden(path):
     """
     op, inputs, static, outs, meta = read_golden(path)
     key = meta["tolerance_key"]
-    now = {tag: dict(zip(OPS[op][3], compute(op, inputs, static, dtype)))
-           for tag, dtype in (("out64", np.float64), ("out32", np.float32))}
+    try:
+        now = {tag: dict(zip(OPS[op][3], compute(op, inputs, static, dtype)))
+               for tag, dtype in (("out64", np.float64), ("out32", np.float32))}
+    except (NemoScratchError, ValueError, TypeError) as exc:   # inputs that do not fit together
+        raise CheckpointError(f"{path}: the inputs of this golden file do not fit {op}: {exc}") from None
     report = {"out64": {}, "out32": {}, "out32_vs_out64": {}}
     for name in OPS[op][3]:
         report["out64"][name] = compare(now["out64"][name], outs["out64"][name], key, np.float64)

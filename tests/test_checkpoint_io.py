@@ -252,18 +252,25 @@ def test_checkpoint_without_mtp_loads_and_says_so(tmp_path, tiny_tensors):
 
 
 def test_overwrite_policy(tmp_path, tiny_tensors):
+    """A non-empty destination is refused without overwrite=True; with it, the directory is replaced as a whole
+    (a stale shard, index, quant config or notes file of the old one cannot survive next to the new weights)."""
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(InputError, match=str(foreign)):
         write_checkpoint(foreign, TINY, tiny_tensors)
-    write_checkpoint(foreign, TINY, tiny_tensors, overwrite=True)
     assert (foreign / "notes.txt").read_text() == "mine"
+    write_checkpoint(foreign, TINY, tiny_tensors, overwrite=True)
+    assert sorted(p.name for p in foreign.iterdir()) == ["config.json", "model.safetensors"]
     ckpt = tmp_path / "ckpt"
     write_checkpoint(ckpt, TINY, tiny_tensors, shards=3, quant_config={"quantization": {}})
-    write_checkpoint(ckpt, TINY, tiny_tensors)   # a previous checkpoint is replaced, stale shards removed
+    with pytest.raises(InputError, match="overwrite=True"):
+        write_checkpoint(ckpt, TINY, tiny_tensors)   # a previous checkpoint is not replaced without asking
+    assert load_tensors(ckpt)[2]["files"] == [f"model-0000{k}-of-00003.safetensors" for k in (1, 2, 3)]
+    write_checkpoint(ckpt, TINY, tiny_tensors, overwrite=True)   # replaced, stale shards gone
     assert sorted(p.name for p in ckpt.iterdir()) == ["config.json", "model.safetensors"]
     assert load_tensors(ckpt)[2]["files"] == ["model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "foreign"]   # no temporaries left behind
 
 
 # ---------------------------------------------------------------------------------------------- oracles

@@ -327,12 +327,13 @@ def check_against_schema(tensors, cfg):
 
 # ---------------------------------------------------------------------------------------------- save, verify
 
-def export(out_dir, cfg, tensors):
-    """config.json + model.safetensors (BF16; A_log, D, router bias F32) via our checkpoint writer."""
+def export(out_dir, cfg, tensors, overwrite=False):
+    """config.json + model.safetensors (BF16; A_log, D, router bias F32) via our checkpoint writer (atomic:
+    an existing --out is replaced as a whole, only once the new files are complete)."""
     from nemo_scratch.checkpoint.writer import write_checkpoint
 
     check_against_schema(tensors, cfg)
-    write_checkpoint(out_dir, cfg, tensors)
+    write_checkpoint(out_dir, cfg, tensors, overwrite=overwrite)
 
 
 def load_checkpoint(out_dir):
@@ -372,13 +373,15 @@ def verify(out_dir, val, args, log=print) -> dict:
 
 
 def save_run(directory, tensors, record):
-    """The finished run, before export: float32 tensors (safetensors, no pickle) + record.json."""
+    """The finished run, before export: float32 tensors (safetensors, no pickle) + record.json. The --state
+    folder is this tool's own and is replaced, atomically (safe_write: an interrupted save keeps the old one)."""
     from safetensors.numpy import save_file
 
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / "tensors.safetensors"))
-    (directory / "record.json").write_text(json.dumps(record, indent=1))
+    from nemo_scratch.checkpoint.safe_write import atomic_directory
+
+    with atomic_directory(directory, overwrite=True, what="train_tiny: --state") as tmp:
+        save_file(tensors, str(tmp / "tensors.safetensors"))
+        (tmp / "record.json").write_text(json.dumps(record, indent=1))
 
 
 def load_run(directory):
@@ -477,9 +480,15 @@ Greedy samples (transformers `generate`, BF16 weights upcast to float32):
     (Path(out_dir) / "TRAINING.md").write_text(text)
 
 
+DEFAULT_OUT = ROOT / "nemo_scratch/data/nemotron3-tiny"
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=ROOT / "nemo_scratch/data/nemotron3-tiny")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT,
+                   help="checkpoint directory to write (default: the bundled model, which it replaces)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a non-empty --out other than the default (refused otherwise, before training)")
     p.add_argument("--steps", type=int, default=600)
     p.add_argument("--minutes", type=float, default=20.0,
                    help="training time budget: --steps is cut to fit it at the end of warm-up (see fit_steps), "
@@ -515,6 +524,11 @@ def main(argv=None):
     if args.verify:
         verify(args.verify, val, args)
         return
+    from nemo_scratch.checkpoint.safe_write import check_destination
+
+    # regenerating the bundled model is what the default --out is for; any other directory needs --overwrite
+    overwrite = args.overwrite or args.out.resolve() == DEFAULT_OUT.resolve()
+    check_destination(args.out, overwrite, what="train_tiny: --out")   # before, not after, the training
     if not args.export:
         import transformers
 
@@ -532,7 +546,7 @@ def main(argv=None):
         print(f"saved the run to {args.state}; final held-out (main, mtp, mtp acc) = {record['eval']}")
     tensors, record = load_run(args.state)
     cfg = NemotronConfig.from_dict(record["config"], source=str(args.state))
-    export(args.out, cfg, tensors)
+    export(args.out, cfg, tensors, overwrite=overwrite)
     check = verify(args.out, val, args)
     write_training_md(args.out, cfg, record, check)
     print(f"wrote {args.out}")

@@ -7,25 +7,34 @@ hf_quant_config.json. inspect: what is stored, grouped by block type and format.
 
 from __future__ import annotations
 
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, InputError
 from ..ops.quant import FP8Weight, NVFP4Weight, fp8_quantize, nvfp4_quantize
-from .modelopt import quant_config_for, recipe_format
-from .reader import COMPANIONS, load_tensors, logical_view, open_checkpoint
+from .modelopt import RECIPES, quant_config_for, recipe_format
+from .paths import resolve_inside
+from .reader import COMPANIONS, load_tensors, logical_view, open_checkpoint, validate_checkpoint
+from .safe_write import check_destination
 from .safetensors_io import STORAGE
 from .schema import expected_tensors
 from .writer import write_checkpoint
 
 QUANTIZERS = {"nvfp4": nvfp4_quantize, "fp8": fp8_quantize}
+EXTRA_FILES = ("tokenizer.json", "tokenizer_config.json", "generation_config.json")
 
 
 def quantize_checkpoint(src, dst, recipe="ultra", overwrite=False) -> Counter:
-    """Write ``dst``: the checkpoint ``src`` with every tensor stored as ``recipe`` says. -> {format: count}."""
+    """Write ``dst``: the checkpoint ``src`` with every tensor stored as ``recipe`` says. -> {format: count}.
+
+    ``dst`` may not be ``src`` (through a symlink either), lie inside it or contain it; a non-empty ``dst`` is
+    refused unless ``overwrite=True``; the write is atomic (writer.write_checkpoint). The tokenizer and
+    generation files of ``src`` are copied along."""
+    if not isinstance(recipe, str) or recipe not in RECIPES:
+        raise InputError(f"quantize: recipe {recipe!r}; expected one of {RECIPES}")
+    check_destination(dst, overwrite, [src], what="quantize: destination")
     cfg, tensors, info = load_tensors(src, dtype="float32")
     packed = [n for n, w in tensors.items() if isinstance(w, (NVFP4Weight, FP8Weight))]
     if packed:
@@ -36,10 +45,10 @@ def quantize_checkpoint(src, dst, recipe="ultra", overwrite=False) -> Counter:
         fmt = recipe_format(spec, recipe, cfg)
         out[spec.name] = QUANTIZERS[fmt](tensors[spec.name]) if fmt in QUANTIZERS else tensors[spec.name]
         counts[fmt] += 1
-    write_checkpoint(dst, cfg, out, quant_config=quant_config_for(cfg, recipe), overwrite=overwrite)
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (Path(src) / extra).is_file():
-            shutil.copy(Path(src) / extra, Path(dst) / extra)
+    extras = [resolve_inside(Path(src), name, f"{src}: {name}") for name in EXTRA_FILES
+              if (Path(src) / name).is_file() or (Path(src) / name).is_symlink()]
+    write_checkpoint(dst, cfg, out, quant_config=quant_config_for(cfg, recipe), overwrite=overwrite, sources=[src],
+                     extra_files=extras)
     return counts
 
 
@@ -53,8 +62,9 @@ def _base(name):
 
 def inspect_checkpoint(path) -> dict:
     """Tensors grouped by (block type, format): count, parameters, stored bytes, bits per parameter."""
-    cfg, _, info = load_tensors(path)           # validates names, shapes and formats first
     reader = open_checkpoint(path)
+    cfg, _, _, _, formats, include_mtp = validate_checkpoint(reader)   # names, shapes, formats; no tensor read
+    info = {"mtp": include_mtp, "formats": formats, "quant_config": reader.quant_config}
     specs = {s.name: s for s in expected_tensors(cfg, include_mtp=info["mtp"])}
     stored = defaultdict(float)
     for name, (stored_name, expert) in logical_view(reader).items():

@@ -13,18 +13,21 @@ A module name is a tensor name without ".weight" (``backbone.layers.1.mixer.expe
 
 from __future__ import annotations
 
-import json
+import fnmatch
+import re
 from dataclasses import dataclass, field
-from fnmatch import fnmatchcase
+from functools import cached_property
 from pathlib import Path
 
 from ..config import NemotronConfig
 from ..errors import ConfigError, InputError
+from ..strict_json import INDEX_BYTES, brief, read_json
 from .schema import TensorSpec, expected_tensors
 
 FORMATS = ("bf16", "f32", "fp8", "nvfp4")
 RECIPES = ("bf16", "fp8", "nano", "super", "ultra")
 NVFP4_GROUP_SIZE = 16
+MAX_EXCLUDE = 2**12   # exclude_modules globs (the published Nano file lists about a hundred)
 QUANT_CONFIG_FILE = "hf_quant_config.json"
 
 # Kept in float32 whatever the recipe, as NVIDIA ships them (spec section 7: A_log, D, the router bias).
@@ -72,9 +75,14 @@ class QuantConfig:
             return self.layers.get(module, "bf16")
         if self.algo is None or not is_quantizable(module):
             return "bf16"
-        if any(fnmatchcase(module, pattern) for pattern in self.exclude):
+        if self._excluded.match(module):
             return "bf16"
         return self.algo.lower()
+
+    @cached_property
+    def _excluded(self):
+        """The exclude globs as one compiled regex (one match a module, however many patterns)."""
+        return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in self.exclude) or "(?!)")
 
 
 def _field(raw, key, kind, source, where, default=None):
@@ -82,13 +90,13 @@ def _field(raw, key, kind, source, where, default=None):
     value = raw.get(key, default)
     if value is not None and not isinstance(value, kind):
         names = kind.__name__ if isinstance(kind, type) else " or ".join(k.__name__ for k in kind)
-        raise ConfigError(f"{source}: field '{where}{key}' must be a {names}, got {value!r}")
+        raise ConfigError(f"{source}: field '{where}{key}' must be a {names}, got {brief(value)}")
     return value
 
 
 def _algo(value, source, where):
     if not isinstance(value, str) or value.upper() not in ("NVFP4", "FP8"):
-        raise ConfigError(f"{source}: field '{where}' is {value!r}: expected \"NVFP4\" or \"FP8\"")
+        raise ConfigError(f"{source}: field '{where}' is {brief(value)}: expected \"NVFP4\" or \"FP8\"")
     return value.upper()
 
 
@@ -113,15 +121,14 @@ def parse_quant_config(raw, source: str = "quantization config") -> QuantConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a JSON object, got {type(raw).__name__}")
     where = ""
-    if "quantization_config" in raw:
-        raw, where = raw["quantization_config"], "quantization_config."
-    if "quantization" in raw:
-        raw, where = raw["quantization"], where + "quantization."
+    for key in ("quantization_config", "quantization"):
+        if isinstance(raw, dict) and key in raw:
+            raw, where = raw[key], where + key + "."
     if not isinstance(raw, dict):
-        raise ConfigError(f"{source}: field '{where.rstrip('.')}' must be a JSON object, got {raw!r}")
+        raise ConfigError(f"{source}: field '{where.rstrip('.')}' must be a JSON object, got {brief(raw)}")
     method = raw.get("quant_method", "modelopt")
     if method != "modelopt":
-        raise ConfigError(f"{source}: field '{where}quant_method' is {method!r}: only ModelOpt checkpoints "
+        raise ConfigError(f"{source}: field '{where}quant_method' is {brief(method)}: only ModelOpt checkpoints "
                           "(\"modelopt\") are supported")
     algo = _field(raw, "quant_algo", str, source, where)
     kv = _field(raw, "kv_cache_quant_algo", str, source, where)
@@ -137,7 +144,7 @@ def parse_quant_config(raw, source: str = "quantization config") -> QuantConfig:
             at = f"{where}quantized_layers[{module!r}]"
             if not isinstance(entry, dict):
                 raise ConfigError(f"{source}: field '{at}' must be an object like {{\"quant_algo\": \"FP8\"}}, "
-                                  f"got {entry!r}")
+                                  f"got {brief(entry)}")
             fmt = _algo(entry.get("quant_algo"), source, at + ".quant_algo")
             if fmt == "NVFP4":
                 _group_size(entry, source, at + ".")
@@ -147,9 +154,12 @@ def parse_quant_config(raw, source: str = "quantization config") -> QuantConfig:
     exclude = _field(raw, "exclude_modules", list, source, where)
     if exclude is None:
         exclude = _field(raw, "ignore", list, source, where, default=[])
+    if len(exclude) > MAX_EXCLUDE:
+        raise ConfigError(f"{source}: field '{where}exclude_modules' lists {len(exclude)} patterns, more than the "
+                          f"bound {MAX_EXCLUDE}")
     for i, pattern in enumerate(exclude):
         if not isinstance(pattern, str):
-            raise ConfigError(f"{source}: field '{where}exclude_modules[{i}]' must be a string, got {pattern!r}")
+            raise ConfigError(f"{source}: field '{where}exclude_modules[{i}]' must be a string, got {brief(pattern)}")
     group = _group_size(raw, source, where) if algo == "NVFP4" else NVFP4_GROUP_SIZE
     return QuantConfig(algo, exclude=tuple(exclude), group_size=group, kv_cache_quant_algo=kv, source=source)
 
@@ -161,10 +171,7 @@ def read_quant_config(directory) -> QuantConfig | None:
         path = directory / name
         if not path.is_file():
             continue
-        try:
-            raw = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}: not valid JSON ({exc})") from None
+        raw = read_json(path, error=ConfigError, max_bytes=INDEX_BYTES, expect=None)
         if key is None or (isinstance(raw, dict) and raw.get(key) is not None):
             return parse_quant_config(raw, source=str(path))
     return None

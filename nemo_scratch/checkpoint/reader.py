@@ -7,26 +7,35 @@ A checkpoint directory holds config.json and one of
 Optional: hf_quant_config.json (ModelOpt), or a "quantization_config" object inside config.json.
 
 ``open_checkpoint`` gives tensor-by-tensor access to what is stored; ``load_tensors`` turns that into the
-validated logical weights the model reads (NVIDIA names, float arrays or packed NVFP4Weight / FP8Weight). Nothing here unpickles or runs code from the checkpoint, and
-no file outside the directory is ever opened: an index entry that is absolute, climbs with ``..`` or is a
-symlink leading out is refused (path traversal), with one exception, the Hugging Face hub cache, whose
-snapshot files are symlinks into the same repository's ``blobs`` folder.
+validated logical weights the model reads (NVIDIA names, float arrays or packed NVFP4Weight / FP8Weight).
+
+Nothing here unpickles or runs code from the checkpoint, and no file outside the directory is ever opened
+(paths.py: index entries must be plain file names; absolute names, ``..`` and symlinks leading out are
+refused, for config.json, hf_quant_config.json and tokenizer.json too, except the Hugging Face hub
+cache's snapshot links into its ``blobs``). Every JSON file is read with bounded size and depth
+(strict_json.py). A directory an interrupted write left behind (it still holds safe_write.MARKER) is
+refused, and files whose names start with "." (temporaries, macOS "._" companions) are not shards.
+Small tensors and quantization scales must be finite (guards.check_loaded), and the memory the load needs
+is checked first (memory.py).
 """
 
 from __future__ import annotations
 
 import difflib
-import json
-import os
 from functools import cached_property
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path
 
 import numpy as np
 
 from ..config import NemotronConfig
 from ..errors import CheckpointError, ConfigError, InputError
+from ..guards import check_loaded
+from ..memory import available_bytes, check_fits
 from ..ops.formats import BF16Weight, FP8Weight, NVFP4Weight
+from ..strict_json import CONFIG_BYTES, INDEX_BYTES, read_json
 from .names import check_tensor_set, expert_names, is_stacked, nvidia_name
+from .paths import check_file_name, resolve_inside
+from .safe_write import MARKER
 from .safetensors_io import STORAGE, SafetensorsFile
 
 CONFIG, SINGLE, INDEX, QUANT_CONFIG = "config.json", "model.safetensors", "model.safetensors.index.json", \
@@ -52,8 +61,9 @@ class CheckpointReader:
         """The raw ModelOpt quantization dict: hf_quant_config.json, else config.json's quantization_config,
         else None (parsed into recipes by checkpoint/modelopt.py)."""
         path = self.directory / QUANT_CONFIG
-        if path.is_file():
-            return _read_json_object(path)
+        if path.is_file() or path.is_symlink():
+            return read_json(resolve_inside(self.directory, QUANT_CONFIG, str(path)), max_bytes=INDEX_BYTES,
+                             error=ConfigError)
         value = self.raw_config.get("quantization_config")
         return value if isinstance(value, dict) else None
 
@@ -94,17 +104,26 @@ class CheckpointReader:
 
 def open_checkpoint(path) -> CheckpointReader:
     """Open and validate a checkpoint directory (headers, index, file containment); tensors are read lazily."""
-    directory = Path(path)
+    try:
+        directory = Path(path)
+    except TypeError:
+        raise CheckpointError(f"checkpoint path {path!r} is not a path") from None
+    if "\0" in str(directory):
+        raise CheckpointError(f"checkpoint path {str(directory)!r} holds a NUL byte")
     if not directory.is_dir():
         what = "is a file" if directory.exists() else "does not exist"
         raise CheckpointError(f"{directory}: {what}; expected a checkpoint directory holding config.json and "
                               "*.safetensors")
+    if (directory / MARKER).exists():
+        raise CheckpointError(f"{directory}: an interrupted write left this directory incomplete (it holds "
+                              f"{MARKER}); it is not a checkpoint: delete it and write again")
     config_path = directory / CONFIG
-    if not config_path.is_file():
+    if not (config_path.exists() or config_path.is_symlink()):
         raise CheckpointError(f"{config_path}: not found; a checkpoint directory needs a config.json next to its "
                               "safetensors files")
-    raw_config = _read_json_object(config_path, error=ConfigError)
-    if (directory / INDEX).is_file():
+    raw_config = read_json(resolve_inside(directory, CONFIG, str(config_path)), error=ConfigError,
+                           max_bytes=CONFIG_BYTES)
+    if (directory / INDEX).is_file() or (directory / INDEX).is_symlink():
         files, where, source = _open_indexed(directory)
     else:
         files, where, source = _open_unindexed(directory)
@@ -113,16 +132,17 @@ def open_checkpoint(path) -> CheckpointReader:
 
 def _open_indexed(directory):
     index_path = directory / INDEX
-    index = _read_json_object(index_path)
+    index = read_json(resolve_inside(directory, INDEX, str(index_path)), max_bytes=INDEX_BYTES)
     weight_map = index.get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise CheckpointError(f"{index_path}: expected a non-empty 'weight_map' object {{tensor: file}}, got "
-                              f"{weight_map!r}")
+                              f"{str(weight_map)[:200]}")
     files = {}
     for name, file_name in weight_map.items():
-        if file_name not in files:
-            path = resolve_inside(directory, file_name, f"{index_path}: weight_map entry {name!r}")
-            files[file_name] = SafetensorsFile(path)
+        entry = f"{index_path}: weight_map entry {name[:200]!r}"
+        if not isinstance(file_name, str) or file_name not in files:
+            check_file_name(file_name, entry)
+            files[file_name] = SafetensorsFile(resolve_inside(directory, file_name, entry))
         if name not in files[file_name]:
             raise CheckpointError(f"{index_path}: weight_map puts tensor {name!r} in {file_name}, but "
                                   f"{directory / file_name} has no such tensor")
@@ -135,12 +155,12 @@ def _open_indexed(directory):
 
 
 def _open_unindexed(directory):
-    paths = sorted(directory.glob("*.safetensors"))
+    paths = sorted(p for p in directory.glob("*.safetensors") if not p.name.startswith("."))
     if not paths:
         raise CheckpointError(f"{directory}: no {SINGLE}, {INDEX} or other *.safetensors file found")
     files, where = {}, {}
     for path in paths:
-        f = files[path.name] = SafetensorsFile(resolve_inside(directory, path.name, f"{directory}: file"))
+        f = files[path.name] = SafetensorsFile(resolve_inside(directory, path.name, str(directory)))
         for name in f.keys():
             if name in where:
                 raise CheckpointError(f"{directory}: tensor {name!r} is stored twice, in {where[name]} and "
@@ -148,43 +168,6 @@ def _open_unindexed(directory):
             where[name] = path.name
     source = str(paths[0]) if len(paths) == 1 else f"{directory} ({', '.join(files)})"
     return files, where, source
-
-
-def resolve_inside(directory: Path, relative, what: str) -> Path:
-    """``directory / relative``, refusing path traversal: absolute names, ``..``, and symlinks leading out of
-    the directory (except Hugging Face hub-cache snapshots, whose files link into the repo's ``blobs``)."""
-    if not isinstance(relative, str) or not relative:
-        raise CheckpointError(f"{what}: file name {relative!r} is not a non-empty string")
-    posix = PurePosixPath(relative.replace("\\", "/"))
-    if posix.is_absolute() or PureWindowsPath(relative).drive or os.path.isabs(relative):
-        raise CheckpointError(f"{what}: file {relative!r} is an absolute path; expected a file name inside "
-                              f"the checkpoint directory {directory}")
-    if ".." in posix.parts:
-        raise CheckpointError(f"{what}: file {relative!r} climbs out with '..'; expected a file name inside "
-                              f"the checkpoint directory {directory}")
-    path = directory.joinpath(*posix.parts)
-    root, target = directory.resolve(), path.resolve()
-    if root not in target.parents and not _hub_cache_blob(root, target):
-        raise CheckpointError(f"{what}: file {relative!r} resolves to {target}, outside the checkpoint "
-                              f"directory {root} (a symlink leading out of it); refused")
-    if not target.is_file():
-        raise CheckpointError(f"{what}: file {path} not found")
-    return path
-
-
-def _hub_cache_blob(root: Path, target: Path) -> bool:
-    # <cache>/models--org--name/snapshots/<revision>/model.safetensors -> ../../blobs/<sha256>
-    return root.parent.name == "snapshots" and target.parent == root.parent.parent / "blobs"
-
-
-def _read_json_object(path: Path, error=CheckpointError) -> dict:
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise error(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise error(f"{path}: expected a JSON object, got a {type(value).__name__}")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------- load_tensors
@@ -225,16 +208,8 @@ def load_tensors(path, dtype="float32", weights="float32"):
     if weights not in WEIGHT_MODES:
         raise InputError(f"load_tensors: argument weights={weights!r}; expected one of {WEIGHT_MODES}")
     reader = open_checkpoint(path)
-    cfg = reader.config
-    weights_refs, companions, ignored = _split_companions(reader, logical_view(reader))
-    formats = {name: _detect_format(reader, name, ref, companions.get(name, {}))
-               for name, ref in weights_refs.items()}
-    _check_quant_config(reader, formats, weights_refs)
-    shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights_refs.items()}
-    config_name = str(reader.directory / CONFIG)
-    include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights_refs[name]),
-                                   reader.source, config_name)
-    mode = _weight_mode(reader, weights)
+    cfg, weights_refs, companions, ignored, formats, include_mtp = validate_checkpoint(reader)
+    mode = _weight_mode(reader, weights, dtype)
     stacks = {}   # a stacked expert tensor is read (and converted) once, then split into views
     tensors = {}
     for name, ref in weights_refs.items():
@@ -244,7 +219,9 @@ def load_tensors(path, dtype="float32", weights="float32"):
         if ref[0] not in stacks:
             stacks[ref[0]] = _plain(reader, ref[0], dtype, mode)
         tensors[name] = stacks[ref[0]] if ref[1] is None else stacks[ref[0]][ref[1]]
+    check_loaded(tensors, lambda name: _where(reader, name, weights_refs[name]))
     notes = []
+    config_name = str(reader.directory / CONFIG)
     if cfg.num_nextn_predict_layers and not include_mtp:
         notes.append(f"{config_name} declares {cfg.num_nextn_predict_layers} MTP layer(s) but the checkpoint holds "
                      "no mtp.* tensor (transformers drops them when saving): loaded without the MTP head")
@@ -254,29 +231,39 @@ def load_tensors(path, dtype="float32", weights="float32"):
     return cfg, tensors, info
 
 
-def float32_bytes(reader) -> int:
-    """Bytes of the checkpoint's tensors once BF16/F16 are upcast to float32 (packed NVFP4/FP8 stay packed)."""
+def validate_checkpoint(reader):
+    """Names, shapes and formats of every stored tensor checked against the config, nothing read but headers:
+    -> (cfg, weights {name: ref}, companions, ignored, formats {name: format}, include_mtp)."""
+    cfg = reader.config
+    weights, companions, ignored = _split_companions(reader, logical_view(reader))
+    formats = {name: _detect_format(reader, name, ref, companions.get(name, {})) for name, ref in weights.items()}
+    _check_quant_config(reader, formats, weights)
+    shapes = {name: _logical_shape(reader, ref, formats[name]) for name, ref in weights.items()}
+    include_mtp = check_tensor_set(cfg, shapes, lambda name: _where(reader, name, weights[name]), reader.source,
+                                   str(reader.directory / CONFIG))
+    return cfg, weights, companions, ignored, formats, include_mtp
+
+
+def float32_bytes(reader, dtype=np.dtype(np.float32)) -> int:
+    """Bytes the "float32" weight mode allocates: every float tensor converted to ``dtype`` (a stored one that
+    already has it stays a view of the file); packed NVFP4/FP8 codes stay views too."""
     total = 0
     for name in reader.names():
-        shape, kind = reader.shape_of(name), reader.dtype_of(name)
-        size = int(np.prod(shape, dtype=np.int64))
-        total += size * (4 if kind in ("BF16", "F16") else STORAGE[kind].itemsize)
+        kind = reader.dtype_of(name)
+        if kind in ("BF16", "F16", "F32", "F64") and np.dtype(STORAGE[kind].newbyteorder("=")) != dtype:
+            total += int(np.prod(reader.shape_of(name), dtype=np.int64)) * dtype.itemsize
     return total
 
 
-def _weight_mode(reader, weights) -> str:
-    """The weight mode a load runs in: ``weights``, with "auto" resolved and an impossible "float32" refused."""
+def _weight_mode(reader, weights, dtype) -> str:
+    """The weight mode a load runs in: ``weights``, with "auto" resolved and an impossible "float32" refused
+    (MemoryBudgetError: what it needs, what is available, and weights='stored')."""
     if weights == "stored":
         return weights
-    from ..memory import available_bytes
-
-    need, available = float32_bytes(reader), available_bytes()
+    need, available = float32_bytes(reader, dtype), available_bytes()
     if weights == "auto":
-        return "float32" if need <= AUTO_FLOAT32_SHARE * available else "stored"
-    if need > available:
-        raise InputError(f"{reader.source}: weights='float32' needs {need / 2**30:.2f} GiB for the upcast weights "
-                         f"but {available / 2**30:.2f} GiB of memory is available; load with weights='stored' "
-                         "(CLI: --weights stored), which keeps them as stored and reads them from disk at use")
+        return "float32" if available is None or need <= AUTO_FLOAT32_SHARE * available else "stored"
+    check_fits(need, f"loading {reader.directory} with weights='float32' ({dtype.name})", "load", dtype)
     return weights
 
 

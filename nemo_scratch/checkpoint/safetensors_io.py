@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import CheckpointError
+from ..strict_json import parse_json, read_error
+from .safe_write import atomic_file
 
 # safetensors dtype -> the NumPy dtype of its bytes as stored (little-endian on disk, whatever the host).
 STORAGE = {
@@ -41,7 +41,7 @@ STORAGE = {
 }
 FLOAT_TYPES = ("BF16", "F16", "F32", "F64")
 INT_TYPES = ("I8", "I16", "I32", "I64")
-MAX_HEADER_BYTES = 100 * 2**20   # the safetensors library's own limit; a larger length field is corrupt
+MAX_HEADER_BYTES = 100_000_000   # the safetensors library's own limit; a larger length field is corrupt
 
 
 # ---------------------------------------------------------------------------------------------- bfloat16
@@ -89,10 +89,8 @@ class SafetensorsFile:
                                           f"bytes but {size - 8} bytes follow (limit {MAX_HEADER_BYTES}): "
                                           "truncated, or not a safetensors file")
                 raw = f.read(n)
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: file not found") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, expected a .safetensors file") from None
+        except OSError as exc:
+            raise read_error(self.path, exc, "a .safetensors file") from None
         self._data_start = 8 + n
         self._buffer = None
         self.metadata, self._entries = _parse_header(self.path, raw, data_size=size - 8 - n)
@@ -142,46 +140,43 @@ class SafetensorsFile:
         return data
 
 
-def _reject_duplicates(pairs):
-    keys = [k for k, _ in pairs]
-    seen = set()
-    for k in keys:
-        if k in seen:
-            raise _DuplicateKey(k)
-        seen.add(k)
-    return dict(pairs)
-
-
-class _DuplicateKey(Exception):
-    pass
-
-
 def _parse_header(path, raw, data_size):
-    """Header bytes -> (metadata, {name: (dtype, shape, (begin, end))}) with every field validated."""
-    try:
-        header = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path}: corrupt header: not valid UTF-8 JSON ({exc})") from None
-    except _DuplicateKey as exc:
-        raise CheckpointError(f"{path}: corrupt header: key {exc.args[0]!r} appears twice") from None
+    """Header bytes -> (metadata, {name: (dtype, shape, (begin, end))}) with every field validated.
+
+    The safetensors library's rules (``Metadata::validate`` and ``read_metadata``): the tensors, in order of
+    their offsets, tile the data section exactly: the first starts at byte 0, each starts where the previous
+    one ends (no gap, no overlap) and the last ends at the end of the file (no trailing bytes).
+    """
+    header = parse_json(raw, f"{path}: corrupt header", error=CheckpointError, max_bytes=MAX_HEADER_BYTES,
+                        what="UTF-8 JSON")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt header: a JSON {type(header).__name__}, expected an object "
                               "{name: {dtype, shape, data_offsets}}")
     metadata = header.pop("__metadata__", None)
     if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
-        raise CheckpointError(f"{path}: corrupt header: '__metadata__' must map strings to strings, got {metadata!r}")
+        raise CheckpointError(f"{path}: corrupt header: '__metadata__' must map strings to strings, got {metadata!r}"
+                              [:400])
     entries = {name: _parse_entry(path, name, entry) for name, entry in header.items()}
-    # Offsets must lie inside the data section and no two tensors may share a byte.
-    furthest = None   # (name, begin, end) of the tensor reaching furthest so far, in order of begin
+    covered = None   # (name, begin, end) of the tensor ending furthest so far, in order of offsets
     for name, (_, _, (begin, end)) in sorted(entries.items(), key=lambda item: item[1][2]):
         if end > data_size:
             raise CheckpointError(f"{path}: tensor {name!r} has data_offsets [{begin}, {end}] past the end of the "
                                   f"data section ({data_size} bytes): the file is truncated or its header corrupt")
-        if furthest is not None and begin < furthest[2]:
-            raise CheckpointError(f"{path}: corrupt header: tensors {furthest[0]!r} (bytes {furthest[1]}..{furthest[2]})"
+        if covered is not None and begin < covered[2]:
+            raise CheckpointError(f"{path}: corrupt header: tensors {covered[0]!r} (bytes {covered[1]}..{covered[2]})"
                                   f" and {name!r} (bytes {begin}..{end}) overlap")
-        if furthest is None or end > furthest[2]:
-            furthest = (name, begin, end)
+        start = 0 if covered is None else covered[2]
+        if begin != start:
+            after = "the start of the data section" if covered is None else f"tensor {covered[0]!r}"
+            raise CheckpointError(f"{path}: corrupt header: tensor {name!r} starts at data byte {begin}, leaving a "
+                                  f"gap of {begin - start} bytes after {after} (byte {start}); the tensors must "
+                                  "cover the data section without gaps, as the safetensors library requires")
+        covered = (name, begin, end)
+    end = 0 if covered is None else covered[2]
+    if end != data_size:
+        raise CheckpointError(f"{path}: corrupt file: {data_size - end} trailing bytes after the last tensor "
+                              f"(the tensors cover {end} of the {data_size} data bytes); the safetensors library "
+                              "refuses a file its tensors do not fully cover")
     return metadata, entries
 
 
@@ -220,7 +215,9 @@ def write_safetensors(path, tensors, metadata=None):
     float32, so a value within 2^-24 relative of a bfloat16 tie may round twice), F16/F32/F64 by NumPy casts,
     F8_E4M3 and U8 from uint8 codes, I8/I16/I32/I64 from integers that fit, BOOL from bools. Every input is
     checked before anything is written, the file is written to a temporary name in the same folder and
-    renamed into place, so a failure never leaves a half-written file (nor replaces a good one).
+    renamed into place (safe_write.atomic_file), so a failure never leaves a half-written file (nor replaces a
+    good one). An existing file at ``path`` is replaced: this is the low-level writer; the commands check
+    their destinations (safe_write.check_destination) before they call it.
     """
     path = Path(path)
     items = [_check_item(path, name, value) for name, value in tensors.items()]
@@ -237,22 +234,11 @@ def write_safetensors(path, tensors, metadata=None):
         offset += nbytes
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
     text += b" " * (-len(text) % 8)   # pad so the data section starts 8-byte aligned
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot write here ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(struct.pack("<Q", len(text)))
-            f.write(text)
-            for _, array, dtype in items:
-                f.write(_encode(array, dtype).tobytes())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path, overwrite=True, what=str(path), error=CheckpointError) as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for _, array, dtype in items:
+            f.write(_encode(array, dtype).tobytes())
     return path
 
 

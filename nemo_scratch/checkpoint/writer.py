@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
@@ -21,24 +20,29 @@ from ..ops.quant import FP8Weight, NVFP4Weight
 from .modelopt import config_json_entry
 from .names import check_tensor_set
 from .reader import CONFIG, INDEX, QUANT_CONFIG, SINGLE
+from .safe_write import atomic_directory, atomic_file, check_destination, copy_file
 from .safetensors_io import STORAGE, bf16_to_float32, float32_to_bf16, write_safetensors
 from .schema import expected_tensors
 
 # Kept in F32 whatever the float dtype, as NVIDIA ships them (A_log and D feed exp and a skip connection; the
 # router bias only ranks experts, and transformers keeps it fp32 too: _keep_in_fp32_modules_strict).
 F32_SUFFIXES = (".A_log", ".D", ".gate.e_score_correction_bias")
-SHARD_NAME = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 METADATA = {"format": "pt"}   # transformers refuses a safetensors file whose metadata lacks a format
 
 
-def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwrite=False, float_dtype="BF16"):
+def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwrite=False, float_dtype="BF16",
+                     sources=(), extra_files=()):
     """Write ``tensors`` ({NVIDIA name: float array | NVFP4Weight | FP8Weight}) and ``cfg`` as a checkpoint.
 
     The tensors are first checked against ``cfg`` exactly as load_tensors checks a checkpoint (all present, none
     extra, every logical shape right; the MTP head all or nothing). ``float_dtype`` ("BF16", "F16" or "F32")
     stores the plain weights; ``quant_config`` (a dict) goes to hf_quant_config.json and to config.json's
-    "quantization_config". ``out_dir`` is created; a non-empty directory that holds no previous checkpoint is
-    refused unless ``overwrite=True``; the files of a previous checkpoint are replaced. Returns ``out_dir``.
+    "quantization_config"; ``extra_files`` (paths, e.g. a tokenizer.json) are copied in by name.
+
+    Safe: ``out_dir`` may not be, lie inside or contain any of ``sources`` (the checkpoints the tensors came
+    from); an existing non-empty ``out_dir`` is refused unless ``overwrite=True``, which replaces it as a whole
+    (its old files, TRAINING.md included, go); everything is written into a temporary sibling that takes the
+    place of ``out_dir`` only once complete (checkpoint/safe_write.py). Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
@@ -47,6 +51,10 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
         raise InputError(f"write_checkpoint: argument float_dtype={float_dtype!r}; expected 'BF16', 'F16' or 'F32'")
     if quant_config is not None and not isinstance(quant_config, dict):
         raise InputError(f"write_checkpoint: argument quant_config must be a dict, got {type(quant_config).__name__}")
+    if not isinstance(tensors, dict):
+        raise InputError(f"write_checkpoint: argument tensors must be a dict {{name: array}}, got "
+                         f"{type(tensors).__name__}")
+    check_destination(out_dir, overwrite, sources, what="write_checkpoint: out_dir")
     shapes = {name: tuple(np.shape(value)) if not isinstance(value, (NVFP4Weight, FP8Weight)) else value.shape
               for name, value in tensors.items()}
     check_tensor_set(cfg, shapes, lambda name: f"write_checkpoint: tensor {name!r}", "write_checkpoint: tensors",
@@ -54,48 +62,63 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
     groups = [_stored_tensors(name, value, float_dtype) for name, value in tensors.items()]
     if shards > len(groups):
         raise InputError(f"write_checkpoint: argument shards={shards} exceeds the {len(groups)} weights to write")
-    stale = _prepare(out_dir, overwrite)
+    extra_files = [Path(f) for f in extra_files]
+    for f in extra_files:
+        if not f.is_file():
+            raise InputError(f"write_checkpoint: extra file {f} not found")
+    _check_disk(out_dir, sum(_nbytes(array, dtype) for g in groups for _, (array, dtype) in g)
+                + sum(f.stat().st_size for f in extra_files))
+    with atomic_directory(out_dir, overwrite, sources, what="write_checkpoint: out_dir") as tmp:
+        write_checkpoint_files(tmp, cfg, groups, shards, quant_config)
+        for f in extra_files:
+            with atomic_file(tmp / f.name, what=f"write_checkpoint: {f.name}") as out:
+                copy_file(f, out)
+    return out_dir
 
+
+def write_checkpoint_files(directory: Path, cfg, groups, shards=1, quant_config=None) -> list:
+    """Write the files of a checkpoint into the (new, empty) ``directory``: shards and index, then config.json,
+    then hf_quant_config.json. ``groups`` are the stored tensors of each weight (_stored_tensors). -> names."""
     written = []
     if shards == 1:
-        written.append(write_safetensors(out_dir / SINGLE, dict(e for g in groups for e in g), METADATA).name)
+        written.append(write_safetensors(directory / SINGLE, dict(e for g in groups for e in g), METADATA).name)
     else:
         weight_map, total = {}, 0
         for k, part in enumerate(_split(groups, shards)):
             file_name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
             entries = dict(e for g in part for e in g)
-            write_safetensors(out_dir / file_name, entries, METADATA)
+            write_safetensors(directory / file_name, entries, METADATA)
             weight_map.update({name: file_name for name in entries})
             total += sum(_nbytes(array, dtype) for array, dtype in entries.values())
             written.append(file_name)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out_dir / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        _write_json(directory / INDEX, index)
         written.append(INDEX)
-    cfg.save(out_dir)
+    config = cfg.to_dict()
     if quant_config is not None:
-        (out_dir / QUANT_CONFIG).write_text(json.dumps(quant_config, indent=2) + "\n")
+        _write_json(directory / QUANT_CONFIG, quant_config)
         written.append(QUANT_CONFIG)
-        config = json.loads((out_dir / CONFIG).read_text())
         # config.json carries the flat form transformers and vLLM read (quant_method "modelopt")
         config["quantization_config"] = config_json_entry(quant_config)
-        (out_dir / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    for path in stale:   # a previous checkpoint's files this one did not rewrite (old shards, index, quant config)
-        if path.name not in written:
-            path.unlink()
-    return out_dir
+    _write_json(directory / CONFIG, config, sort_keys=True)
+    return written + [CONFIG]
 
 
-def _prepare(out_dir: Path, overwrite: bool) -> list:
-    """Create ``out_dir`` or check it may be written; return the previous checkpoint files found there."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"write_checkpoint: out_dir {out_dir} exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    contents = list(out_dir.iterdir())
-    previous = (out_dir / CONFIG).is_file() and ((out_dir / SINGLE).is_file() or (out_dir / INDEX).is_file())
-    if contents and not previous and not overwrite:
-        raise InputError(f"write_checkpoint: out_dir {out_dir} is not empty and holds no previous checkpoint "
-                         f"({CONFIG} with {SINGLE} or {INDEX}); refusing to write into it (pass overwrite=True)")
-    return [p for p in contents if p.name in (SINGLE, INDEX, QUANT_CONFIG) or SHARD_NAME.fullmatch(p.name)]
+def _check_disk(out_dir, nbytes):
+    """Refuse before writing when the filesystem of ``out_dir`` has less room than the new files need (the
+    old files stay until the new ones are complete, so their room does not count)."""
+    from ..memory import free_disk_bytes, gib
+
+    free = free_disk_bytes(out_dir)
+    need = nbytes + 2**20   # headers, index and config files
+    if free is not None and need > free:
+        raise InputError(f"write_checkpoint: out_dir {out_dir}: the checkpoint needs about {gib(need)} on disk but "
+                         f"only {gib(free)} is free there")
+
+
+def _write_json(path, value, sort_keys=False):
+    with atomic_file(path, overwrite=True, what=str(path), error=CheckpointError) as f:
+        f.write((json.dumps(value, indent=2, sort_keys=sort_keys) + "\n").encode("utf-8"))
 
 
 def _stored_tensors(name, value, float_dtype) -> list:
@@ -195,5 +218,18 @@ def random_tensors(cfg, seed=0) -> dict:
 
 
 def make_random_checkpoint(out_dir, cfg, seed=0, shards=1, **write_options) -> Path:
-    """write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards): a loadable test checkpoint."""
+    """write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards): a loadable test checkpoint.
+
+    The seed, the destination and the memory the float32 tensors need are checked before a tensor is drawn."""
+    from ..guards import check_seed
+    from ..memory import check_fits, random_checkpoint_bytes
+
+    check_seed(seed)
+    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= len(expected_tensors(cfg)):
+        raise InputError(f"make_random_checkpoint: argument shards={shards!r}; expected an integer in [1, "
+                         f"{len(expected_tensors(cfg))}] (the number of tensors)")
+    check_destination(out_dir, write_options.get("overwrite", False), write_options.get("sources", ()),
+                      what="write_checkpoint: out_dir")
+    check_fits(random_checkpoint_bytes(cfg), f"a random checkpoint of {cfg.num_hidden_layers} layers "
+               f"(d={cfg.hidden_size}, {cfg.n_routed_experts} experts)", "make-random")
     return write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards=shards, **write_options)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
+from ..guards import check_generate
 from .model import check_prefill_chunk
 
 
@@ -93,8 +94,9 @@ def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0
     ``prefill_chunk=N`` runs the prompt N tokens at a time (model.Model.hidden): bounded memory for long prompts.
     """
     prompt = model.check_ids(ids)
-    check_prefill_chunk(prefill_chunk)
+    chunk = check_prefill_chunk(prefill_chunk)
     _check_args(model, max_new_tokens, 1.0 if greedy else temperature, top_p, mtp, draft_depth, prompt.shape[0])
+    check_generate(model, prompt.shape, max_new_tokens, seed, mtp, draft_depth, chunk)   # hook: guards.py
     # the next-token distribution of every step: greedy is temperature 0 (one-hot at the argmax)
     dist = (lambda logits: token_probs(logits, 0.0)) if greedy else (
         lambda logits: token_probs(logits, temperature, top_p))

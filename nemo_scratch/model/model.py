@@ -17,6 +17,8 @@ import numpy as np
 
 from ..backends import get_backend
 from ..errors import InputError
+from ..guards import FiniteTrail, check_logits
+from ..memory import check_forward_memory
 from ..ops.formats import BF16Weight
 from ..ops.quant import bf16_decode
 from .blocks import block
@@ -147,14 +149,15 @@ class Model:
         ``prefill_chunk=N`` runs the tokens N at a time, carrying the cache from chunk to chunk (one is made
         when none is given), so the activations are bounded by N tokens, not by the prompt.
         """
-        return self.backend.xp.concatenate(list(self._chunks(ids, cache, prefill_chunk)), axis=1)
+        return self.backend.xp.concatenate(list(self._chunks(ids, cache, prefill_chunk, False)), axis=1)
 
-    def _chunks(self, ids, cache, prefill_chunk):  # yields [b,<=N,d] in order
+    def _chunks(self, ids, cache, prefill_chunk, last_only):  # yields [b,<=N,d] in order
         ids = self.check_ids(ids)
         chunk = check_prefill_chunk(prefill_chunk)
         if cache is not None and cache.batch != ids.shape[0]:
             raise InputError(f"ids have batch {ids.shape[0]} but the cache was made for batch {cache.batch}")
         t = ids.shape[1]
+        check_forward_memory(self, ids, cache, last_only, chunk)        # hook: nemo_scratch/memory.py
         if chunk is None or chunk >= t:
             yield self._hidden(ids, cache)
             return
@@ -163,21 +166,25 @@ class Model:
             yield self._hidden(ids[:, i:i + chunk], cache)
 
     def _hidden(self, ids, cache):  # [b,t] (checked) -> [b,t,d]
-        h = self.embed(ids)
+        trail = FiniteTrail(self, ids)                                  # hook: nemo_scratch/guards.py
+        h = trail.record("embeddings", self.embed(ids))
         for i, p in enumerate(self.params["layers"]):
             unit = f"layer {i}"
             with self.place.use(unit):
                 h = block(self.place.hop(h, unit), p, self.cfg, self.place.backend(unit),
                           None if cache is None else cache.layers[i], self.dt_limit)
+                h = trail.record(i, h)
         if cache is not None:
             cache.length += ids.shape[1]
         with self.place.use("head"):
-            return self.backend.rms_norm(self.place.hop(h, "head"), as_dense(self.params["norm_f"], self.dtype),
-                                         self.cfg.layer_norm_epsilon)
+            return trail.check(self.backend.rms_norm(self.place.hop(h, "head"),
+                                                     as_dense(self.params["norm_f"], self.dtype),
+                                                     self.cfg.layer_norm_epsilon))
 
     def logits(self, h):  # [b,t,d] -> [b,t,v]
         with self.place.use("head"):
-            return self.backend.linear(self.place.hop(h, "head"), self.params["lm_head"])
+            h = self.place.hop(h, "head")
+            return check_logits(self, self.backend.linear(h, self.params["lm_head"]), h)   # hook: guards.py
 
     def forward(self, ids, cache=None, last_only=False, prefill_chunk=None):  # [b,t] -> [b,t,v] (host array)
         """Logits for every position (or the last one only), float32 (float64 in oracle mode).
@@ -186,11 +193,11 @@ class Model:
         chunk's last position reaches lm_head.
         """
         if last_only:
-            for h in self._chunks(ids, cache, prefill_chunk):  # keep only the last chunk's hidden
+            for h in self._chunks(ids, cache, prefill_chunk, True):  # keep only the last chunk's hidden
                 pass
             return self.backend.to_numpy(self.logits(h[:, -1:]))
         return np.concatenate([self.backend.to_numpy(self.logits(h))
-                               for h in self._chunks(ids, cache, prefill_chunk)], axis=1)
+                               for h in self._chunks(ids, cache, prefill_chunk, False)], axis=1)
 
     __call__ = forward
 
