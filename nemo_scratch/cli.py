@@ -192,6 +192,8 @@ def cmd_plan(args):
     from .parallel import format_placement, plan_placement
     from .params import format_plan, plan
 
+    if not math.isfinite(args.gpu_mem_gib) or args.gpu_mem_gib <= 0:
+        raise InputError(f"--gpu-mem-gib {args.gpu_mem_gib}: expected a finite number > 0")
     given = [flag for flag, value in (("--preset", args.preset), ("--config", args.config),
                                       ("--checkpoint", args.checkpoint)) if value is not None]
     if len(given) != 1:
@@ -203,8 +205,6 @@ def cmd_plan(args):
             args.config / "config.json" if args.config.is_dir() else args.config)
         cfg = source if args.preset is not None else NemotronConfig.from_json(source)
         report = plan(cfg, args.recipe or "bf16", gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
-    if not math.isfinite(args.gpu_mem_gib) or args.gpu_mem_gib <= 0:
-        raise InputError(f"--gpu-mem-gib {args.gpu_mem_gib}: expected a finite number > 0")
     if not 0 <= args.margin_gib < float("inf"):
         raise InputError(f"plan: --margin-gib must be a finite number >= 0, got {args.margin_gib}")
     placement = plan_placement(source, args.recipe, args.gpus, args.gpu_mem_gib, max_len=args.max_len,

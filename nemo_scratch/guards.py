@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 
 from .errors import CheckpointError, InputError, NonFiniteError
-from .ops.quant import FP8Weight, NVFP4Weight
+from .ops.formats import BF16Weight, ExpertBank, FP8Weight, NVFP4Weight
+from .ops.quant import bf16_decode
 
 SMALL = 2**20                      # dense tensors up to this many elements are checked at load
 E4M3_NAN = (0x7F, 0xFF)            # the two NaN codes of E4M3FN (block scales, FP8 weights)
@@ -104,7 +105,16 @@ PARAM_NAMES = {   # parameter-tree key of a block -> NVIDIA tensor name after "<
 
 
 def _bad_weight(value, host):
-    """(expert or None, description) of the first non-finite part of a weight, or None."""
+    """(index, part, description) of the first non-finite part of a weight, or None; the index of an expert
+    bank's weight starts with the expert."""
+    if isinstance(value, ExpertBank):
+        for x, w in enumerate(value.experts):
+            found = _bad_weight(w, host)
+            if found:
+                return (x, *found[0]), found[1], found[2]
+        return None
+    if isinstance(value, BF16Weight):
+        value = bf16_decode(np.asarray(host(value.bits)))
     if isinstance(value, NVFP4Weight):
         parts = (("weight_scale_2", value.global_scale, "f"), ("weight_scale", value.block_scale, "e4m3"))
     elif isinstance(value, FP8Weight):
@@ -125,7 +135,9 @@ def diagnose(model, stage, ids=None) -> str:
     """Why ``stage`` ("embeddings", a layer index, "norm_f" or "lm_head") went non-finite: one sentence."""
     host = model.backend.to_numpy
     if stage == "embeddings":
-        rows = host(model.params["embeddings"])[np.asarray(ids)]
+        table = model.params["embeddings"]
+        rows = host(bf16_decode(table.bits[np.asarray(ids)]) if isinstance(table, BF16Weight)
+                    else table[np.asarray(ids)])
         found = first_bad(rows)
         token = int(np.asarray(ids)[found[0][:-1]]) if found else None
         return (f"the embedding row of token id {token} (tensor 'backbone.embeddings.weight') holds {found[1]}"

@@ -213,7 +213,7 @@ TILE_BYTES = 4 * 2**20
 def tile_rows(x, rows, inn):
     """Output rows a tile of a dense / BF16 matmul: TILE_BYTES of float32 on NumPy; all rows on other array
     modules (a GPU's one cuBLAS call, no decode temporary there: the GPU backends upload BF16 as float32)."""
-    return max(1, TILE_BYTES // (4 * max(inn, 1))) if get_xp(x) is np else max(rows, 1)
+    return max(1, TILE_BYTES // (4 * max(inn, 1))) if get_xp(x).__name__ == "numpy" else max(rows, 1)
 
 
 def bf16_decode(bits):  # uint16 [...] -> float32 [...]

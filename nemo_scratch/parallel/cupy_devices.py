@@ -114,6 +114,51 @@ class CupyDevices(DeviceSet):
         with self.cp.cuda.Device(src):
             return self.cp.asnumpy(x)
 
+    def namespace(self, k):
+        """CuPy with its creation functions allocating on device k, whatever device is current."""
+        return _DeviceNamespace(self, self.check(k))
+
+    def write(self, k, dest, r0, r1, rows):
+        """dest[r0:r1] = rows (host): through a pinned staging buffer, two of them taking turns, so that the
+        copy of one chunk overlaps the read of the next; a buffer is reused only once its copy has finished."""
+        cp, k = self.cp, self.check(k)
+        pinned = self._pinned(k, rows.nbytes)
+        if pinned is None:   # no pinned memory (e.g. the CPU emulator): a plain synchronous copy
+            return super().write(k, dest, r0, r1, rows)
+        buffer, done = pinned
+        done.synchronize()                       # this buffer's previous copy has left it
+        staged = np.frombuffer(buffer, dtype=rows.dtype, count=rows.size).reshape(rows.shape)
+        staged[...] = rows
+        with cp.cuda.Device(k):
+            target = dest[r0:r1] if dest.ndim else dest
+            target.set(staged, stream=cp.cuda.get_current_stream())
+            done.record()
+        self._count("host", k, rows.nbytes)
+
+    def _pinned(self, k, nbytes):
+        """The next of two pinned buffers (at least nbytes) with the event of its last copy; None without
+        pinned memory."""
+        cp = self.cp
+        try:
+            import cupyx
+        except ImportError:
+            return None
+        if not hasattr(cupyx, "empty_pinned"):
+            return None
+        buffers = self.__dict__.setdefault("_buffers", {})
+        turn = self.__dict__.setdefault("_turn", {})
+        pair = buffers.get(k)
+        if pair is None or pair[0][0].nbytes < nbytes:
+            for _, event in pair or ():
+                event.synchronize()              # an old buffer may still be read by a copy: let it finish
+            with cp.cuda.Device(k):
+                pair = [(cupyx.empty_pinned((nbytes,), dtype=np.uint8), cp.cuda.Event()) for _ in range(2)]
+                for _, event in pair:
+                    event.record()
+            buffers[k] = pair
+        turn[k] = 1 - turn.get(k, 1)
+        return pair[turn[k]]
+
     def used(self, k) -> int:
         """Bytes device k's memory pool has in use beyond what it had when this object was made."""
         k = self.check(k)
@@ -130,3 +175,24 @@ class CupyDevices(DeviceSet):
         """Device k's pool limit in bytes, or None."""
         return self._limits[self.check(k)]
 
+
+
+class _DeviceNamespace:
+    """``devices.namespace(k)``: CuPy, its creation functions run under ``cupy.cuda.Device(k)``."""
+
+    CREATE = ("zeros", "empty", "ones", "full", "arange", "eye", "zeros_like", "empty_like", "ones_like",
+              "full_like", "asarray", "array", "ascontiguousarray")
+
+    def __init__(self, devices, k):
+        self._devices, self._k = devices, k
+
+    def __getattr__(self, name):
+        attr = getattr(self._devices.cp, name)
+        if name not in self.CREATE:
+            return attr
+
+        def on_device(*args, **kwargs):
+            with self._devices.cp.cuda.Device(self._k):
+                return attr(*args, **kwargs)
+
+        return on_device

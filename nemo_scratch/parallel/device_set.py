@@ -73,6 +73,15 @@ class DeviceSet:
         self._count(src, HOST, out.nbytes)
         return out
 
+    def write(self, k, dest, r0, r1, rows):
+        """dest[r0:r1] = rows: host rows (a staged chunk of a file) into an array on device k, counted."""
+        k = self.check(k)
+        if dest.ndim:
+            dest[r0:r1] = rows
+        else:
+            dest[...] = rows
+        self._count(HOST, k, rows.nbytes)
+
     def transfer_count(self) -> int:
         return sum(t["count"] for t in self.transfers.values())
 

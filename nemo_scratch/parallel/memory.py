@@ -38,10 +38,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..ops.attention import SCORE_TILE_BYTES, query_tile  # noqa: F401  (SCORE_TILE_BYTES: its budget)
+from ..ops.quant import TILE_BYTES
 
-CACHE_DTYPES = {"float32": 4, "bfloat16": 2}
-STATE_ITEMSIZE = 4            # conv and SSM states are float32 (NVIDIA: "use float32 for all checkpoint precisions")
-ACTIVATION_ITEMSIZE = 4       # activations are float32 (the dtype policy of docs/oracle.md section 2)
+CACHE_DTYPES = {"float32": 4, "bfloat16": 2, "float64": 8}
+COMPUTE_DTYPES = {"float32": 4, "float64": 8}   # activations and states are in the compute dtype: float32, or
+                                               # float64 in oracle mode (the dtype policy of docs/oracle.md section 2)
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class RunShape:
     prefill_chunk: int    # tokens of one prefill forward (at most max_len)
     cache_dtype: str      # "float32" | "bfloat16"
     draft_depth: int      # MTP draft tokens per speculative round; 0 = no speculative decoding
+    dtype: str = "float32"   # the compute dtype: activations and the conv/SSM states ("float32" | "float64")
+
+    @property
+    def itemsize(self) -> int:
+        return COMPUTE_DTYPES[self.dtype]
 
 
 def kv_bytes(cfg, block, run: RunShape) -> int:
@@ -68,7 +74,7 @@ def state_bytes(cfg, block, run: RunShape, record=True) -> int:
     if block != "mamba":
         return 0
     one = run.batch * (cfg.conv_dim * cfg.conv_kernel
-                       + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size) * STATE_ITEMSIZE
+                       + cfg.mamba_num_heads * cfg.mamba_head_dim * cfg.ssm_state_size) * run.itemsize
     copies = 1 + (run.draft_depth + 1 if record and run.draft_depth > 0 else 0)
     return one * copies
 
@@ -76,7 +82,7 @@ def state_bytes(cfg, block, run: RunShape, record=True) -> int:
 def attention_tile(cfg, run: RunShape) -> int:
     """Queries per attention tile at the longest context: ops/attention.py::query_tile at s = max_len, capped
     at the prefill chunk."""
-    return min(run.prefill_chunk, query_tile(run.batch, cfg.num_attention_heads, run.max_len, ACTIVATION_ITEMSIZE))
+    return min(run.prefill_chunk, query_tile(run.batch, cfg.num_attention_heads, run.max_len, run.itemsize))
 
 
 def _block_elements(cfg, block, run: RunShape) -> int:
@@ -105,17 +111,28 @@ def _block_elements(cfg, block, run: RunShape) -> int:
     raise ValueError(block)
 
 
+def decode_tile_bytes(cfg, run: RunShape) -> int:
+    """The weight decode of one matmul tile (ops/quant.py): a BF16 tile decoded to float32 (TILE_BYTES) and,
+    in the float64 oracle mode, its float64 copy; or an NVFP4/FP8 tile of 128 rows (codes unpacked, values,
+    scaled values: at most 16 B an element) of the widest input a layer has."""
+    widest = max(cfg.hidden_size, cfg.mamba_intermediate, cfg.num_attention_heads * cfg.head_dim,
+                 cfg.moe_intermediate_size, cfg.moe_shared_expert_intermediate_size or 0, cfg.intermediate_size)
+    return max(TILE_BYTES * (1 + run.itemsize // 4), 128 * widest * 16)
+
+
 def activation_bytes(cfg, kind, run: RunShape) -> int:
-    """Peak prefill temporaries while unit ``kind`` runs one chunk (a block type, "embedding", "head", "mtp")."""
+    """Peak prefill temporaries while unit ``kind`` runs one chunk (a block type, "embedding", "head", "mtp"),
+    the decode tile of its matmuls included."""
     n_tok, d = run.batch * run.prefill_chunk, cfg.hidden_size
+    tile = decode_tile_bytes(cfg, run)
     if kind == "embedding":
-        return n_tok * d * ACTIVATION_ITEMSIZE + n_tok * 8
+        return n_tok * d * run.itemsize + n_tok * 8
     if kind == "head":
-        return (n_tok * d + run.batch * cfg.vocab_size) * ACTIVATION_ITEMSIZE
+        return (n_tok * d + run.batch * cfg.vocab_size) * run.itemsize + tile
     if kind == "mtp":
         blocks = max(_block_elements(cfg, bt, run) for bt in cfg.mtp_layers_block_type)
-        return (blocks + 6 * n_tok * d + run.batch * cfg.vocab_size) * ACTIVATION_ITEMSIZE
-    return _block_elements(cfg, kind, run) * ACTIVATION_ITEMSIZE
+        return (blocks + 6 * n_tok * d + run.batch * cfg.vocab_size) * run.itemsize + tile
+    return _block_elements(cfg, kind, run) * run.itemsize + tile
 
 
 def unit_reserves(cfg, kind, run: RunShape) -> tuple:

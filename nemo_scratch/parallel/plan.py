@@ -34,7 +34,7 @@ from pathlib import Path
 from ..checkpoint.modelopt import RECIPES
 from ..config import PATTERN_CHAR, PRESETS, NemotronConfig, preset
 from ..errors import InputError, PlanError
-from .memory import CACHE_DTYPES, RunShape, unit_reserves
+from .memory import CACHE_DTYPES, COMPUTE_DTYPES, RunShape, unit_reserves
 from .units import WEIGHT_MODES, Unit, checkpoint_weights, config_weights, unit_names
 
 GB, GIB = 1e9, 2**30
@@ -206,7 +206,7 @@ def _source(source, recipe, weights, input_scales, with_mtp):
 
 def plan_placement(source, recipe=None, gpus=8, gpu_mem_gib=80.0, *, max_len=None, batch=1,
                    prefill_chunk=DEFAULT_PREFILL_CHUNK, cache_dtype="float32", weights="stored", draft_depth=0,
-                   margin_bytes=CONTEXT_MARGIN_BYTES, input_scales=True, with_mtp=True) -> Placement:
+                   margin_bytes=CONTEXT_MARGIN_BYTES, input_scales=True, with_mtp=True, dtype="float32") -> Placement:
     """Place ``source``'s units on ``gpus`` devices of ``gpu_mem_gib`` GiB each; PlanError if impossible.
 
     source         preset name | NemotronConfig | pathlib.Path of a config.json or of a checkpoint directory
@@ -215,6 +215,7 @@ def plan_placement(source, recipe=None, gpus=8, gpu_mem_gib=80.0, *, max_len=Non
     prefill_chunk  tokens of one prefill forward, capped at max_len
     cache_dtype    "float32" | "bfloat16";  weights  "stored" | "float32" (units.py)
     draft_depth    MTP drafts per speculative round (0: none), sizes the recorded Mamba states
+    dtype          the compute dtype, "float32" or "float64" (oracle mode): activations and states
     """
     _positive_int("gpus", "--gpus", gpus)
     if isinstance(gpu_mem_gib, bool) or not isinstance(gpu_mem_gib, (int, float)) or not (
@@ -234,7 +235,9 @@ def plan_placement(source, recipe=None, gpus=8, gpu_mem_gib=80.0, *, max_len=Non
         raise InputError(f"plan_placement: margin_bytes must be an integer >= 0, got {margin_bytes!r}")
     cfg, label, table, recipe = _source(source, recipe, weights, input_scales, with_mtp)
     max_len = cfg.max_position_embeddings if max_len is None else _positive_int("max_len", "--max-len", max_len)
-    run = RunShape(max_len, batch, min(prefill_chunk, max_len), cache_dtype, draft_depth)
+    if dtype not in COMPUTE_DTYPES:
+        raise InputError(f"plan_placement: dtype must be one of {tuple(COMPUTE_DTYPES)}, got {dtype!r}")
+    run = RunShape(max_len, batch, min(prefill_chunk, max_len), cache_dtype, draft_depth, dtype)
     units = tuple(Unit(name, kind, table[name][0], table[name][1], *unit_reserves(cfg, kind, run))
                   for name, kind in unit_names(cfg, with_mtp) if name in table)
     budget = int(gpu_mem_gib * GIB)
