@@ -48,9 +48,44 @@ def _checkpoint(args) -> Path:
 
 
 def _load(args):
+    """The model of --checkpoint: on one backend, or placed over --gpus N CUDA devices / --virtual-devices N
+    NumPy ones (a pipeline of stages planned by bytes: nemo_scratch/parallel/)."""
     from . import load
 
-    return load(_checkpoint(args), backend=args.backend, dtype=args.dtype, dt_floor=args.dt_floor)
+    if args.gpus is None and args.virtual_devices is None:
+        if args.device_mem_gib is not None or args.max_len is not None:
+            raise InputError("--device-mem-gib and --max-len plan a placement: pass them with --gpus N or "
+                             "--virtual-devices N")
+        return load(_checkpoint(args), backend=args.backend, dtype=args.dtype, dt_floor=args.dt_floor,
+                    weights=args.weights)
+    return _load_placed(args)
+
+
+def _load_placed(args):
+    from .parallel import CupyDevices, VirtualDevices, plan_placement
+    from .parallel.loader import load_placed
+
+    if args.gpus is not None and args.virtual_devices is not None:
+        raise InputError("--gpus and --virtual-devices exclude each other: CUDA devices, or NumPy rehearsal ones")
+    n = args.gpus if args.gpus is not None else args.virtual_devices
+    if n < 1:
+        raise InputError(f"--{'gpus' if args.gpus is not None else 'virtual-devices'} {n}: expected >= 1")
+    gpu = args.gpus is not None
+    if gpu and args.backend == "numpy":
+        raise InputError("--gpus runs the cupy or numba backend: pass --backend cupy (or numba)")
+    if not gpu and args.backend != "numpy":
+        raise InputError("--virtual-devices runs the NumPy reference: drop --backend (or use --gpus N)")
+    weights = args.weights if args.weights != "auto" else ("float32" if gpu else "stored")
+    mem = args.device_mem_gib
+    if mem is None:
+        mem = 80.0 if gpu else 2**20   # virtual devices without a budget: the plan balances bytes only
+    placement = plan_placement(_checkpoint(args), gpus=n, gpu_mem_gib=mem, max_len=args.max_len,
+                               prefill_chunk=args.prefill_chunk or 8192, weights=weights, dtype=args.dtype,
+                               cache_dtype=args.dtype, draft_depth=getattr(args, "draft_depth", None) or 0,
+                               margin_bytes=0 if not gpu else 2 * 2**30)
+    devices = CupyDevices(n, numba=args.backend == "numba") if gpu else VirtualDevices(n, placement.budget_bytes)
+    return load_placed(_checkpoint(args), placement, devices, backend=args.backend, dtype=args.dtype,
+                       dt_floor=args.dt_floor, quiet=args.quiet)
 
 
 def _prompt_ids(model, args):
@@ -116,7 +151,7 @@ def cmd_forward(args):
     elif args.overwrite:
         raise InputError("--overwrite needs --out")
     model = _load(args)
-    logits = model.forward([ids])
+    logits = model.forward([ids], prefill_chunk=args.prefill_chunk)
     if args.out:
         with atomic_file(args.out, args.overwrite, [_checkpoint(args)], what="forward: --out") as f:
             np.save(f, logits)
@@ -138,7 +173,7 @@ def cmd_generate(args):
     on_token = (lambda new: print(decode(new), end="", flush=True)) if args.stream else None
     if args.stream:
         print(decode(ids), end="", flush=True)
-    res = model.generate(ids, args.max_new_tokens, on_token=on_token, **options)
+    res = model.generate(ids, args.max_new_tokens, on_token=on_token, prefill_chunk=args.prefill_chunk, **options)
     new = res.ids[0].tolist()
     text = model.tokenizer.decode(new) if model.tokenizer is not None else None
     if args.json:
@@ -267,6 +302,20 @@ def _model_args(p):
     p.add_argument("--dt-floor", default="config",
                    help="'config' (default), 'transformers' (floor at time_step_min as transformers 5.x) "
                         "or a number")
+    p.add_argument("--weights", default="auto", choices=["auto", "stored", "float32"],
+                   help="'stored': matrices stay as stored (BF16, FP8, NVFP4), memory-mapped, decoded tile by tile; "
+                        "'float32': BF16 upcast at load; 'auto': float32 when it fits comfortably (default)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="run the prompt N tokens at a time (bounded memory for long prompts; default: all at once)")
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="place the model over N CUDA devices, a pipeline of stages planned by bytes")
+    p.add_argument("--virtual-devices", type=int, default=None, metavar="N",
+                   help="place the model over N NumPy devices with byte budgets (a CPU rehearsal of --gpus)")
+    p.add_argument("--device-mem-gib", type=float, default=None, metavar="X",
+                   help="memory per device for the placement (default: 80 with --gpus; unbounded virtual devices)")
+    p.add_argument("--max-len", type=int, default=None, metavar="N",
+                   help="context the placement reserves KV cache for (default: the config's max_position_embeddings)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _overwrite(p, what):
