@@ -68,7 +68,7 @@ class StreamingLoader:
         for x, w in enumerate(bank.experts):
             parts = [w.bits] if decode else [a for a in vars(w).values() if a is not None] if is_packed(w) else [w]
             for slot, part in zip(slots, parts):
-                self._fill(slot[x], part, k, decode)
+                self._fill(slot[x:x + 1], np.asarray(part)[None], k, decode)
         if decode or not is_packed(first):
             return slots[0]
         names = [name for name, a in vars(first).items() if a is not None]
@@ -78,9 +78,10 @@ class StreamingLoader:
         return self.devices.namespace(k).empty(shape, dtype=dtype)
 
     def _copy(self, src, k, decode=False):  # host [...] -> device [...] (BF16 bits -> float32 when decode)
-        out = self._empty(k, np.shape(src), np.float32 if decode else np.asarray(src).dtype)
-        self._fill(out, src, k, decode)
-        return out
+        shape = np.shape(src)
+        out = self._empty(k, shape or (1,), np.float32 if decode else np.asarray(src).dtype)
+        self._fill(out, np.reshape(src, shape or (1,)), k, decode)
+        return out.reshape(shape)
 
     def _fill(self, dest, src, k, decode):
         """dest (on device k) <- src (host, memory-mapped), ``chunk_bytes`` of rows at a time."""

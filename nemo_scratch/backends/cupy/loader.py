@@ -16,7 +16,7 @@ import numpy as np
 
 import nemo_scratch
 
-from ...errors import BackendError
+from ...errors import BackendError, DeviceError
 from ..gpu_common import SMEM_LIMIT_BYTES, cdiv, state_buffer  # noqa: F401  (re-exported for the launchers)
 from ..gpu_common import launch_1d as _launch_1d
 
@@ -73,6 +73,18 @@ def f32(v):
 NULL = np.uint64(0)
 
 
+def on_this_device(xp, a, dtype):
+    """``a`` as a C-contiguous device array of ``dtype`` (no copy when already so). An array that lives on
+    another device than the current one is refused, naming both: a launch never copies an operand between
+    devices behind the caller's back (CuPy would, through peer access); only the pipeline's hops move data."""
+    if isinstance(a, xp.ndarray):
+        here, there = xp.cuda.runtime.getDevice(), a.device.id
+        if there != here:
+            raise DeviceError(f"a {a.dtype} {list(a.shape)} operand is on device {there} but the kernel launches "
+                              f"on device {here}: move it there first (a weight placed on the wrong device)")
+    return xp.ascontiguousarray(xp.asarray(a, dtype=dtype))
+
+
 def device_f32(xp, *arrays):
     """C-contiguous float32 device arrays (no copy when already so); None becomes NULL (a null pointer)."""
-    return [NULL if a is None else xp.ascontiguousarray(xp.asarray(a, dtype=np.float32)) for a in arrays]
+    return [NULL if a is None else on_this_device(xp, a, np.float32) for a in arrays]

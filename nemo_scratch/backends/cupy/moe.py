@@ -15,7 +15,7 @@ from ...errors import ShapeError
 from ...ops.formats import FP8Weight, NVFP4Weight, is_packed
 from ..gpu_common import Unsupported
 from .attention import shared_kernel
-from .loader import cdiv, device_f32, f32, get_kernel, i32, i64, launch_1d
+from .loader import cdiv, device_f32, f32, get_kernel, i32, i64, launch_1d, on_this_device
 
 CU_FILE = "moe.cu"
 KERNELS = {
@@ -77,7 +77,7 @@ def _expert_matmul(xp, w, a, a_row, gather, offsets, tile_offsets, out, relu2):
 
 
 def _device_u8(xp, a):
-    return xp.ascontiguousarray(xp.asarray(a, dtype=np.uint8))
+    return on_this_device(xp, a, np.uint8)
 
 
 def moe_experts_cupy(x, idx, weights, up, down):  # [t,l], [t,k], [t,k], [e,f,l], [e,l,f] -> [t,l]

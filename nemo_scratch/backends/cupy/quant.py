@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from .loader import cdiv, device_f32, get_kernel, i64, launch_1d
+from .loader import cdiv, device_f32, get_kernel, i64, launch_1d, on_this_device
 
 CU_FILE = "quant.cu"
 KERNELS = {
@@ -30,7 +30,7 @@ MM_WARPS = 8  # output columns a matmul block (quant.cu)
 
 def _device_u8(xp, a):
     """A C-contiguous uint8 device array; NVFP4 rows are read 8 bytes at a time, so it must be 8-aligned."""
-    a = xp.ascontiguousarray(xp.asarray(a, dtype=np.uint8))
+    a = on_this_device(xp, a, np.uint8)
     assert a.data.ptr % 8 == 0, "packed codes must start on an 8-byte boundary (whole rows of in/2 bytes)"
     return a
 
