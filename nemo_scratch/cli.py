@@ -242,6 +242,17 @@ def cmd_plan(args):
         report = plan(cfg, args.recipe or "bf16", gpus=args.gpus, gpu_mem_gib=args.gpu_mem_gib)
     if not 0 <= args.margin_gib < float("inf"):
         raise InputError(f"plan: --margin-gib must be a finite number >= 0, got {args.margin_gib}")
+    if args.host:
+        from .parallel.plan import format_host_plan, plan_host
+
+        host = plan_host(source if args.checkpoint is None or args.recipe else args.checkpoint, args.recipe,
+                         weights=args.weights, max_len=args.max_len, batch=args.batch,
+                         prefill_chunk=args.prefill_chunk, draft_depth=args.draft_depth)
+        if args.json:
+            print(json.dumps({**(report or {}), "host": host.to_dict()}, indent=2))
+        else:
+            print((format_plan(report) + "\n\n" if report else "") + format_host_plan(host))
+        return
     placement = plan_placement(source, args.recipe, args.gpus, args.gpu_mem_gib, max_len=args.max_len,
                                batch=args.batch, prefill_chunk=args.prefill_chunk, cache_dtype=args.cache_dtype,
                                weights=args.weights, draft_depth=args.draft_depth,
@@ -387,6 +398,9 @@ def build_parser():
     p.add_argument("--weights", default="stored", choices=["stored", "float32"],
                    help="stored formats, or BF16 upcast to float32 as load() does today")
     p.add_argument("--draft-depth", type=int, default=0, help="MTP drafts per round (sizes the Mamba state history)")
+    p.add_argument("--host", action="store_true",
+                   help="predict the host memory of a CPU run (numpy backend) instead of a GPU placement: weights, "
+                        "KV cache for --max-len x --batch, states, activations for --prefill-chunk")
     p.add_argument("--margin-gib", type=float, default=2.0,
                    help="reserve per device for the CUDA context, kernels and pool fragmentation (default 2)")
     p.add_argument("--json", action="store_true")

@@ -93,9 +93,10 @@ class CheckpointReader:
     def shape_of(self, name) -> tuple:
         return self._file(name).shape_of(name)
 
-    def get(self, name):
-        """The stored tensor as NumPy (BF16/F16 upcast to float32 exactly, F8_E4M3 as uint8 codes)."""
-        return self._file(name).get(name)
+    def get(self, name, copy=False):
+        """The stored tensor as NumPy (BF16/F16 upcast to float32 exactly, F8_E4M3 as uint8 codes); ``copy``
+        reads it into memory of its own instead of viewing the memory-mapped file."""
+        return self._file(name).get(name, copy)
 
     def raw(self, name):
         """The stored values without conversion, a read-only view of the memory-mapped file (BF16 as uint16)."""
@@ -275,7 +276,8 @@ def _plain(reader, stored, dtype, mode):
             return BF16Weight(reader.raw(stored))
         if kind in ("F32", "F64") and np.dtype(STORAGE[kind].newbyteorder("=")) == dtype:
             return reader.raw(stored)
-    return np.asarray(reader.get(stored), dtype=dtype)
+    # "float32": a copy of its own (a plain read), so no page of the file stays mapped once the load is done
+    return np.asarray(reader.get(stored, copy=True), dtype=dtype)
 
 
 def _check_quant_config(reader, formats, weights):

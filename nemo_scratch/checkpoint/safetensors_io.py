@@ -128,10 +128,27 @@ class SafetensorsFile:
         data = self._buffer[self._data_start + begin:self._data_start + end].view(STORAGE[dtype]).reshape(shape)
         return data.astype(STORAGE[dtype].newbyteorder("="), copy=False)
 
-    def get(self, name):
+    def read(self, name):  # -> the stored dtype, host byte order, a fresh array
+        """The tensor's stored values read into a new array with a plain file read, not through the memory map:
+        the page cache it passes through is not mapped into this process, so the copy is all it holds."""
+        dtype, shape, (begin, end) = self._entry(name)
+        out = np.empty(end - begin, dtype=np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._data_start + begin)
+                got = f.readinto(out)
+        except OSError as exc:
+            raise read_error(self.path, exc, "a .safetensors file") from None
+        if got != end - begin:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: read {got} of its {end - begin} bytes: the file "
+                                  "changed or was truncated while it was read")
+        return out.view(STORAGE[dtype]).reshape(shape).astype(STORAGE[dtype].newbyteorder("="), copy=False)
+
+    def get(self, name, copy=False):
         """The tensor as a NumPy array: BF16 and F16 -> float32 (exact), F32, F64, F8_E4M3 -> uint8 codes,
-        U8, I8, I16, I32, I64, BOOL as stored."""
-        data = self.raw(name)
+        U8, I8, I16, I32, I64, BOOL as stored. ``copy=True`` reads it into memory of its own (``read``) rather
+        than viewing the memory-mapped file."""
+        data = self.read(name) if copy else self.raw(name)
         dtype = self._entries[name][0]
         if dtype == "BF16":
             return bf16_to_float32(data)

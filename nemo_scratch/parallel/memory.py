@@ -13,13 +13,15 @@ Conventions (glossary letters, docs/glossary.md; N = b * t tokens of one prefill
 - Mamba state, float32: conv [b, c, w] + SSM [b, h, p, n] per layer (the [b, c, w] layout of model/cache.py;
   vLLM keeps w - 1 taps). With speculative decoding (``draft_depth`` > 0) the verification forward records one
   copy per verified token, draft_depth + 1 of them (model/cache.py ``record``).
-- Activations, float32, for one prefill chunk of ``prefill_chunk`` tokens: a conservative sum of the
-  temporaries of the reference code path, as if all were alive at once (the real peak is lower):
+- Activations, in the compute dtype, for one prefill chunk of ``prefill_chunk`` tokens, from the temporaries
+  of the reference code path (each op's peak measured with tracemalloc at Nano widths and matched):
   every layer    the residual h, the normed input, the mixer output, h + y: 4 N d
-  mamba          zxbcdt N (i + c + h); conv 3 N c (state|x concat, output, its contiguous copy); dt 2 N h;
-                 SSD chunk tensors 4 b h nc q^2 (segsum's two temporaries, L, M = CB * L) + b nc g q^2 (CB)
-                 + 4 b nc q i (Y_diag, X*decay, Y_off, y) + 2 b (nc + 1) h p n (chunk states in and out);
-                 gated norm 3 N i; with q = chunk_size, nc = ceil(t / q)
+  mamba          alive through the mixer: zxbcdt N (i + c + h), the conv output N c, dt 2 N h; plus the
+                 largest of its ops' own peaks (they run one after another): the conv 4 N c (state|x concat,
+                 output, its contiguous copy, the activation); the SSD scan 4 b h nc q^2 (segsum's
+                 temporaries, L, M = CB * L) + b nc g q^2 (CB) + 4 b nc q i (X*dt, Y_diag, Y_off, y)
+                 + 2 b (nc + 1) h p n (chunk states in and out); the gated norm 3 N i;
+                 with q = chunk_size, nc = ceil(t / q)
   attention      q, k, v N (q + 2 kv) dh; scores 3 b q tile s (scores, exp, probs) for a query tile whose
                  [b, q, tile, s] score tensor stays within SCORE_TILE_BYTES (s = max_len, the worst case);
                  the output 2 N q dh (and its [b, t, q*dh] copy)
@@ -95,7 +97,8 @@ def _block_elements(cfg, block, run: RunShape) -> int:
         i, c, q = cfg.mamba_intermediate, cfg.conv_dim, cfg.chunk_size
         nc = -(-t // q)
         ssd = 4 * b * h * nc * q * q + b * nc * g * q * q + 4 * b * nc * q * i + 2 * b * (nc + 1) * h * p * n
-        return common + n_tok * cfg.in_proj_out + 3 * n_tok * c + 2 * n_tok * h + ssd + 3 * n_tok * i
+        alive = n_tok * cfg.in_proj_out + n_tok * c + 2 * n_tok * h
+        return common + alive + max(4 * n_tok * c, ssd, 3 * n_tok * i)
     if block == "attention":
         q, kv, dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         scores = 3 * b * q * attention_tile(cfg, run) * run.max_len

@@ -356,3 +356,89 @@ def format_placement(p: Placement) -> str:
              f"{_gb(worst.weight_bytes)} of weights, {_size(worst.total_bytes)} in all",
              *_rows(p.equal_count, scale)]
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- one host
+
+@dataclass(frozen=True)
+class HostPlan:
+    """Host memory of a CPU run: the weights (``mapped`` in the stored mode: file pages the OS keeps cached while
+    memory allows and reads again from disk otherwise) and what must stay allocated (KV, states, activations)."""
+
+    model: str
+    weights: str
+    run: RunShape
+    weight_bytes: int
+    kv_bytes: int
+    state_bytes: int
+    activation_bytes: int
+    peak_unit: str
+    available_bytes: int | None
+
+    @property
+    def mapped(self) -> bool:
+        return self.weights == "stored"
+
+    @property
+    def allocated_bytes(self) -> int:
+        """What must be allocated (anonymous memory): the weights too in the float32 mode."""
+        return self.kv_bytes + self.state_bytes + self.activation_bytes + (0 if self.mapped else self.weight_bytes)
+
+    @property
+    def total_bytes(self) -> int:
+        """The resident peak when every weight page is resident (what a run measures on a machine with room)."""
+        return self.weight_bytes + self.kv_bytes + self.state_bytes + self.activation_bytes
+
+    @property
+    def fits(self) -> bool:
+        return self.available_bytes is None or self.allocated_bytes <= self.available_bytes
+
+    def to_dict(self) -> dict:
+        return {"model": self.model, "weights": self.weights, "max_len": self.run.max_len, "batch": self.run.batch,
+                "prefill_chunk": self.run.prefill_chunk, "weight_bytes": self.weight_bytes,
+                "kv_bytes": self.kv_bytes, "state_bytes": self.state_bytes, "activation_bytes": self.activation_bytes,
+                "allocated_bytes": self.allocated_bytes, "total_bytes": self.total_bytes,
+                "available_bytes": self.available_bytes, "fits": self.fits}
+
+
+def plan_host(source, recipe=None, *, weights="stored", dtype="float32", max_len=None, batch=1,
+              prefill_chunk=DEFAULT_PREFILL_CHUNK, draft_depth=0, input_scales=True, with_mtp=True) -> HostPlan:
+    """Host memory for a CPU run of ``source`` (the numpy backend), with the device accounting of memory.py: the
+    weights in their mode, KV and states for ``max_len`` x ``batch``, the largest unit's temporaries for one
+    ``prefill_chunk``. PlanError (one line: needed, available, what helps) when what must be allocated cannot
+    be: in the stored mode that excludes the weights, which are mapped from their files."""
+    from ..memory import available_bytes
+
+    roomy = plan_placement(source, recipe, 1, 2.0**40, max_len=max_len, batch=batch, prefill_chunk=prefill_chunk,
+                           cache_dtype=dtype, weights=weights, draft_depth=draft_depth, margin_bytes=0,
+                           input_scales=input_scales, with_mtp=with_mtp, dtype=dtype)
+    peak = max(roomy.units, key=lambda u: u.activation_bytes)
+    host = HostPlan(roomy.model, weights, roomy.run, sum(u.weight_bytes for u in roomy.units),
+                    sum(u.kv_bytes for u in roomy.units), sum(u.state_bytes for u in roomy.units),
+                    peak.activation_bytes, peak.name, available_bytes())
+    if not host.fits:
+        what = "KV, states and activations" if host.mapped else "the float32 weights, KV, states and activations"
+        helps = ("use a smaller --max-len, --batch or --prefill-chunk" if host.mapped else
+                 "use --weights stored (mapped from the files), or a smaller --max-len or --prefill-chunk")
+        raise PlanError(f"plan: a CPU run of {host.model} must allocate {_size(host.allocated_bytes)} ({what}) but "
+                        f"{_size(host.available_bytes)} is available; {helps}")
+    return host
+
+
+def format_host_plan(p: HostPlan) -> str:
+    run, available = p.run, p.available_bytes
+    if p.mapped:
+        cached = available is None or p.total_bytes <= available
+        weight_note = ("stored mode, memory-mapped: " + ("all stay in the page cache" if cached else
+                       "more than the memory available: pages are read again from disk as layers run (slower)"))
+    else:
+        weight_note = "float32 mode: allocated at load"
+    rows = [("weights", p.weight_bytes, weight_note),
+            ("KV cache", p.kv_bytes, f"{run.max_len:,} tokens x batch {run.batch}, {run.cache_dtype}"),
+            ("conv/SSM states", p.state_bytes, f"{run.dtype}, draft depth {run.draft_depth}"),
+            ("activations", p.activation_bytes, f"prefill chunk {run.prefill_chunk:,} tokens; largest: {p.peak_unit}"),
+            ("resident peak", p.total_bytes, "every weight page resident"),
+            ("allocated", p.allocated_bytes, f"available {_size(available) if available is not None else 'unknown'}"
+                                             f": {'fits' if p.fits else 'does NOT fit'}")]
+    return "\n".join([f"host memory of a CPU run of {p.model}:"] +
+                     [f"  {label:<16} {_size(nbytes):>12}  {note}" for label, nbytes, note in rows])

@@ -1,0 +1,42 @@
+"""Run in a fresh interpreter by the memory tests: load a checkpoint, run a prefill, report resident memory.
+
+    python tests/memory_probe.py CHECKPOINT WEIGHTS TOKENS [PREFILL_CHUNK]
+
+Prints one JSON object: /proc/self/status figures (VmRSS, VmHWM, RssAnon, RssFile, in bytes) at the start
+(after the imports), after the load and after the prefill, and the seconds the load took.
+"""
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def status():
+    out = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def main():
+    import numpy as np
+
+    import nemo_scratch
+
+    path, weights, tokens = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    chunk = int(sys.argv[4]) if len(sys.argv) > 4 else None
+    start = status()
+    t0 = time.perf_counter()
+    model = nemo_scratch.load(path, weights=weights)
+    load_s = time.perf_counter() - t0
+    loaded = status()
+    ids = np.random.default_rng(0).integers(0, model.cfg.vocab_size, size=(1, tokens))
+    model.forward(ids, model.new_cache(1), last_only=True, prefill_chunk=chunk)
+    print(json.dumps({"start": start, "loaded": loaded, "prefilled": status(), "load_seconds": load_s}))
+
+
+if __name__ == "__main__":
+    main()
