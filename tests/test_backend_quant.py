@@ -23,26 +23,14 @@ EMU_GPU = ("emu", "gpu")
 # ---------------------------------------------------------------------------------------------------------
 # Dequantisation: bit-exact
 
-def every_code(full):  # -> packed [2, r, c] u8, block_scale [2, r, c // 8] u8 (E4M3 codes), global_scale [2]
-    """Every E2M1 code at both nibble positions under every E4M3 scale code (NaN 0x7F/0xFF, subnormals), two
-    tensors with different global scales. ``full``: every packed byte value (all nibble pairs) under every
-    scale code, 2 x 256 x 256 bytes; otherwise 2 x 256 x 8 bytes, one 16-element block a scale code holding
-    the 16 codes once, low nibbles even in tensor 0 and odd in tensor 1 (the simulator runs a Python thread
-    per byte)."""
-    scales = np.arange(256, dtype=np.uint8)[:, None]                                 # row r: scale code r
-    if full:
-        packed = np.tile(np.arange(256, dtype=np.uint8), (2, 256, 1))
-    else:
-        even, odd = np.arange(0, 16, 2, dtype=np.uint8), np.arange(1, 16, 2, dtype=np.uint8)
-        rows = np.stack([even | (odd << 4), odd | (even << 4)])                     # [2, 8]: codes 0..15
-        packed = np.repeat(rows[:, None, :], 256, axis=1)
-    block_scale = np.tile(scales, (2, 1, packed.shape[-1] // 8))
-    return packed, block_scale, np.array([1.0, 0.0371], dtype=np.float32)
-
-
-@pytest.mark.parametrize("backend, mode", BACKEND_MODES)
+@pytest.mark.parametrize("backend, mode", backend_modes("emu", "gpu"))
 def test_nvfp4_dequantize_bit_exact_over_all_codes(be, mode):
-    packed, block_scale, global_scale = every_code(full=mode != "sim")
+    """Every packed byte (two E2M1 codes) under every E4M3 scale code, NaN scales included, two tensors. Not
+    on the simulator (a Python thread a byte: 40 s); there the device decode itself runs over every code
+    (test_backend_numba_only.py::test_decode_every_code_bit_exact), and random bytes here below."""
+    packed = np.tile(np.arange(256, dtype=np.uint8), (2, 256, 1))                 # [2, 256, 256]: in = 512
+    block_scale = np.tile(np.arange(256, dtype=np.uint8)[:, None], (2, 1, 32))    # row r: scale code r
+    global_scale = np.array([1.0, 0.0371], dtype=np.float32)
     got = run(be, be.nvfp4_dequantize, packed, block_scale, global_scale)
     assert_bits_equal(got, quant.nvfp4_dequantize(packed, block_scale, global_scale), "nvfp4_dequantize")
 
@@ -125,12 +113,15 @@ def test_matmul_pinned(be, mode, case):
     check_matmul(be, **case)
 
 
+LINEAR = {"sim": (8, 32, 2), "emu": (24, 48, 3), "gpu": (24, 48, 3)}   # (out, in, rows of x [2, rows, in])
+
+
 @pytest.mark.parametrize("backend, mode", BACKEND_MODES)
 @pytest.mark.parametrize("fmt", ["dense", "nvfp4", "fp8"])
 def test_linear_with_each_weight_format(be, mode, fmt):
     """linear(): packed weights on the fused matmuls, a dense one on the reference's matmul (on xp)."""
-    make = arrays(21)
-    w, x = pack(fmt, make(24, 48)), make(2, 3, 48)
+    (out, inn, rows), make = LINEAR[mode], arrays(21)
+    w, x = pack(fmt, make(out, inn)), make(2, rows, inn)
     assert_close(run(be, be.linear, x, w), linear.linear(x, w), "kernel_quant_matmul", what=f"linear ({fmt})")
 
 
