@@ -2,17 +2,20 @@
 // and a split-K pass plus merge (decode).
 //
 // Reference: nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention.gqa_decode
-// Test:      tests/test_backend_cupy_core.py (test_gqa_attention_*, test_gqa_decode_*)
+// Test:      tests/test_backend_core.py (test_gqa_attention_*, test_gqa_decode_*)
 // Tolerance: tests/tolerances.py ("kernel_attention", "float32")
 // Launcher:  nemo_scratch/backends/cupy/attention.py (gqa_attention_cupy, gqa_decode_cupy)
 // Versions:
-//   gqa_attention_v2_warp_per_row  one block = ATT_ROWS (query, head) rows of one (batch, kv head); each K/V tile of
-//                           ATT_TILE keys is staged in shared memory once and used by every query head of the
-//                           group (the GQA saving); each warp keeps a running max m, sum l and unnormalised
-//                           output acc per row and rescales them tile by tile (flash-attention online softmax).
-//   gqa_decode_v2_splitk_warp_per_row    the same inner loop over one slice of the keys per block (split-K over the cache,
-//                           so a single decode token still fills the GPU); writes the partial (m, l, acc).
-//   gqa_split_merge_v2_warp_per_row     combines the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
+//   gqa_attention_v2_warp_per_row
+//       one block = ATT_ROWS (query, head) rows of one (batch, kv head); each K/V tile of ATT_TILE keys is
+//       staged in shared memory once and used by every query head of the group (the GQA saving); each warp
+//       keeps a running max m, sum l and unnormalised output acc per row and rescales them tile by tile
+//       (flash-attention online softmax). (v1, in the numba backend: one thread per row.)
+//   gqa_decode_v2_splitk_warp_per_row
+//       the same inner loop over one slice of the keys per block (split-K over the cache, so a single decode
+//       token still fills the GPU); writes the partial (m, l, acc).
+//   gqa_split_merge_v2_warp_per_row
+//       combines the splits, one warp per output row: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math (expf is the accurate one).
 //
 // Layout (row-major, float32, contiguous): q [b,t,nq,dh], k/v [b,s,nkv,dh], out [b,t,nq,dh].

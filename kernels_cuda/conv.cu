@@ -6,12 +6,14 @@
 // Tolerance: tests/tolerances.py ("kernel_conv1d", "float32")
 // Launcher:  nemo_scratch/backends/cupy/conv.py (causal_conv1d_cupy, causal_conv1d_step_cupy)
 // Versions:
-//   causal_conv1d_v1_thread_per_output        one thread per output (b, t, c); c is the fastest index, so a warp
-//                                 reads 32 neighbouring channels of one time step (coalesced); the w
-//                                 reads of neighbouring t hit L1/L2.
-//   causal_conv1d_state_v1_thread_per_entry  one thread per new_state entry (b, c, k).
-//   causal_conv1d_step_v1_thread_per_row   one thread per (b, c): roll its state row left by one, write x last
-//                                 (into new_state, which may be the state itself), convolve.
+//   causal_conv1d_v1_thread_per_output
+//       one thread per output (b, t, c); c is the fastest index, so a warp reads 32 neighbouring channels of one
+//       time step (coalesced); the w reads of neighbouring t hit L1/L2.
+//   causal_conv1d_state_v1_thread_per_entry
+//       one thread per new_state entry (b, c, k).
+//   causal_conv1d_step_v1_thread_per_row
+//       one thread per (b, c): roll its state row left by one, write x last (into new_state, which may be the
+//       state itself), convolve.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 //
 // Layouts (row-major, contiguous): x [b,t,c], weight [c,w], bias [c] (or nullptr), state [b,c,w]

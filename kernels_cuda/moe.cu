@@ -1,25 +1,26 @@
 // kernels_cuda/moe.cu: the MoE router and the routed experts (dispatch, grouped expert matmuls, combine).
 //
 // Reference: nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
-// Test:      tests/test_backend_cupy_core.py (test_route_*, test_moe_experts_*)
+// Test:      tests/test_backend_core.py (test_route_*, test_moe_experts_*)
 // Tolerance: ("kernel_router", "float32") (selection compared exactly, near-ties within float32 rounding
 //            excepted), ("kernel_moe", "float32")
 // Launcher:  nemo_scratch/backends/cupy/moe.py (route_cupy, moe_experts_cupy)
 // Versions:
-//   route_v2_warp_argmax        one block per ROUTER_TOKENS tokens: the float32 logits (one warp per expert, every
-//                         gate row read once for all the block's tokens), sigmoid, the biased group-limited
-//                         top-k by repeated warp argmax (ties -> lower index), normalisation and scaling.
-//                         For a single decode token the gate matrix is read by one block; a v3 would split
-//                         the logits over blocks.
+//   route_v2_warp_argmax
+//       one block per ROUTER_TOKENS tokens: the float32 logits (one warp per expert, every gate row read once
+//       for all the block's tokens), sigmoid, the biased group-limited top-k by repeated warp argmax (ties ->
+//       lower index), normalisation and scaling. For a single decode token the gate matrix is read by one
+//       block; a v3 would split the logits over blocks. (v1, in the numba backend: a rank per expert.)
 //   moe_count_v1_atomics, moe_offsets_v1_one_thread, moe_scatter_v1_atomics
-//                         dispatch: tokens per expert (atomics), exclusive prefix sums (one thread: e is at
-//                         most a few hundred), and the (token, slot) pairs placed expert by expert.
-//   moe_matmul_{dense,nvfp4,fp8}_v1
-//                         grouped expert matmul: one block = MOE_ROWS rows of ONE expert x MOE_WARPS output
-//                         columns (one warp per column, warp_rows_dot of common.cuh decodes the packed weight
-//                         in registers); used for up (rows gathered from x, squared ReLU) and down (rows of h).
-//   moe_combine_v1_thread_per_output        out[t] = sum_j w[t, j] * y[pos(t, j)] in float32, in slot order: deterministic
-//                         (no float atomics), whatever order the pairs were placed in.
+//       dispatch: tokens per expert (atomics), exclusive prefix sums (one thread: e is at most a few hundred),
+//       and the (token, slot) pairs placed expert by expert.
+//   moe_matmul_{dense,nvfp4,fp8}_v2_warp_per_column
+//       grouped expert matmul: one block = MOE_ROWS rows of ONE expert x MOE_WARPS output columns (one warp per
+//       column, warp_rows_dot of common.cuh decodes the packed weight in registers); used for up (rows gathered
+//       from x, squared ReLU) and down (rows of h). (v1, in the numba backend: shared-memory tiles.)
+//   moe_combine_v1_thread_per_output
+//       out[t] = sum_j w[t, j] * y[pos(t, j)] in float32, in slot order: deterministic (no float atomics),
+//       whatever order the pairs were placed in.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 
 #include "common.cuh"

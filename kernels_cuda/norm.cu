@@ -6,10 +6,12 @@
 // Tolerance: tests/tolerances.py ("kernel_rms_norm", "float32"), ("kernel_gated_rms_norm", "float32")
 // Launcher:  nemo_scratch/backends/cupy/norm.py (rms_norm_cupy, gated_rms_norm_cupy)
 // Versions:
-//   rms_norm_v1_block_per_group        one block per row of width d: block reduction of x^2, then a second pass
-//                            that rescales (the row is re-read from L1/L2).
-//   gated_rms_norm_v1_block_per_group  one block per (row, group) of width i/n_groups: the gate g = y * silu(z)
-//                            is computed in the reduction pass and recomputed in the output pass.
+//   rms_norm_v1_block_per_group
+//       one block per normalised group, here a whole row of width d: block reduction of x^2, then a second
+//       pass that rescales (the row is re-read from L1/L2).
+//   gated_rms_norm_v1_block_per_group
+//       one block per (row, group) of width i/n_groups: the gate g = y * silu(z) is computed in the reduction
+//       pass and recomputed in the output pass.
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 in, float32 out.
 // Blocks have a multiple of 32 threads (block_sum_f32 needs full warps).
 #include "common.cuh"

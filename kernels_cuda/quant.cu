@@ -2,19 +2,20 @@
 //
 // Reference: nemo_scratch.ops.quant.nvfp4_dequantize, nemo_scratch.ops.quant.nvfp4_matmul,
 //            nemo_scratch.ops.quant.fp8_matmul
-// Test:      tests/test_backend_cupy_core.py (test_nvfp4_dequantize_*, test_nvfp4_matmul_*, test_fp8_matmul_*)
+// Test:      tests/test_backend_quant.py (test_nvfp4_dequantize_*, test_nvfp4_matmul_*, test_fp8_matmul_*,
+//            test_matmul_pinned)
 // Tolerance: dequantize bit-exact (np.array_equal); matmuls ("kernel_quant_matmul", "float32")
 // Launcher:  nemo_scratch/backends/cupy/quant.py (nvfp4_dequantize_cupy, nvfp4_matmul_cupy, fp8_matmul_cupy)
 // Versions:
-//   nvfp4_dequantize_v1_thread_per_byte   one thread per packed byte -> two float32 weights:
-//                               W[2i] = e2m1(low nibble) * e4m3(scale) * global, W[2i+1] likewise (high).
-//   {nvfp4,fp8}_matmul_v1_m{1,4,16}
-//                               y[m, n] = sum_k x[m, k] W[n, k] with W decoded in registers, never in global
-//                               memory: one warp per output column n (a weight row), lanes over 16-wide input
-//                               blocks (coalesced 8-byte NVFP4 loads), MB activation rows per block so every
-//                               decoded weight is used MB times (M = 1: GEMV; M <= 16: small-batch GEMM;
-//                               larger M loops over row chunks in the grid). The dot product is
-//                               warp_rows_dot of common.cuh, shared with the MoE expert matmuls.
+//   nvfp4_dequantize_v1_thread_per_byte
+//       one thread per packed byte -> two float32 weights: W[2i] = e2m1(low nibble) * e4m3(scale) * global,
+//       W[2i+1] likewise (high).
+//   {nvfp4,fp8}_matmul_v2_warp_per_column_m{1,4,16}
+//       y[m, n] = sum_k x[m, k] W[n, k] with W decoded in registers, never in global memory: one warp per output
+//       column n (a weight row), lanes over 16-wide input blocks (coalesced 8-byte NVFP4 loads), MB activation
+//       rows per block so every decoded weight is used MB times (M = 1: GEMV; M <= 16: small-batch GEMM; larger
+//       M loops over row chunks in the grid). The dot product is warp_rows_dot of common.cuh, shared with the
+//       MoE expert matmuls. (v1, in the numba backend: shared-memory tiles.)
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math.
 
 #include "common.cuh"

@@ -6,17 +6,22 @@
 // Tolerance: tests/tolerances.py ("kernel_ssd", "float32"), ("kernel_ssd_step", "float32")
 // Launcher:  nemo_scratch/backends/cupy/ssd.py (ssd_scan_chunked_cupy, ssd_step_cupy)
 // Versions (the prefill is four kernels, one per step of the SSD block decomposition, spec section 3.1):
-//   ssd_chunk_state_v2_block_per_chunk    step 5: the state each chunk produces from zero, one block per
-//                               (head, chunk, batch), one thread per (n, p) output at a time.
-//   ssd_state_passing_v1_thread_per_entry  step 6: the inter-chunk recurrence, one thread per (b, h, n, p) walking
-//                               the chunks in order; also writes the final state.
-//   ssd_chunk_cb_v2_block_per_chunk       step 4's C.B^T, once per (group, chunk, batch) and shared by the h/g
-//                               heads of the group (the dot product does not depend on the head).
-//   ssd_chunk_scan_v2_smem_tile     steps 3, 4, 7, 8: y = (CB * L) Xd + exp(Acum) C.state + D x; one
-//                               block per (head, chunk, batch), a tile of l_tile rows of the decay-masked
-//                               matrix in shared memory at a time.
-//   ssd_step_v2_warp_per_row           decode: one warp per state row (b, h, p); lanes stride over n; the new
-//                               state may overwrite the old one (in place).
+//   ssd_chunk_state_v2_block_per_chunk
+//       step 5: the state each chunk produces from zero, one block per (head, chunk, batch), one thread per
+//       (n, p) output at a time.
+//   ssd_state_passing_v1_thread_per_entry
+//       step 6: the inter-chunk recurrence, one thread per (b, h, n, p) walking the chunks in order; also
+//       writes the final state.
+//   ssd_chunk_cb_v2_block_per_chunk
+//       step 4's C.B^T, once per (group, chunk, batch) and shared by the h/g heads of the group (the dot product
+//       does not depend on the head).
+//   ssd_chunk_scan_v2_smem_tile
+//       steps 3, 4, 7, 8: y = (CB * L) Xd + exp(Acum) C.state + D x; one block per (head, chunk, batch), a
+//       tile of l_tile rows of the decay-masked matrix in shared memory at a time.
+//   ssd_step_v2_warp_per_row
+//       decode: one warp per state row (b, h, p); lanes stride over n; the new state may overwrite the old one
+//       (in place).
+//   (The v1 kernels of the same steps are the numba backend's: one thread per entry or output.)
 // Build:     NVRTC via cupy.RawModule, -std=c++17, no fast-math. float32 inputs, float32 state.
 //
 // Layouts (row-major, contiguous, float32):

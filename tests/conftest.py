@@ -1,4 +1,5 @@
-"""Shared pytest setup: the Hypothesis ``ci`` profile and small fixtures.
+"""Shared pytest setup: the Hypothesis ``ci`` profile and small fixtures (``rng``; ``be``, the backend of a
+``(backend, mode)`` run of gpu_harness.BACKEND_MODES).
 
 The ``ci`` profile is derandomized (the same examples every run) with no deadline; it is the default.
 Set HYPOTHESIS_PROFILE=dev for random exploration with more examples.
@@ -26,3 +27,11 @@ def rng():
     import numpy as np
 
     return np.random.default_rng(0)
+
+
+@pytest.fixture
+def be(backend, mode):
+    """The backend of one ``(backend, mode)`` run (the test parametrizes both; gpu_harness.BACKEND_MODES). For
+    ``cupy-emu`` the CPU CUDA emulator is ``cupy`` for this test only (gpu_harness.backend_for)."""
+    with gpu_harness.backend_for(backend, mode) as backend_object:
+        yield backend_object

@@ -1,6 +1,7 @@
 """The backend registry: names, errors, lazy imports, and the numba backend on the CUDA simulator."""
 
 import gpu_harness  # noqa: F401  (first: turns the simulator on before numba is imported)
+import inspect
 import json
 import os
 import subprocess
@@ -88,7 +89,7 @@ def test_numba_backend_on_the_simulator():
     assert be.name == "numba" and be.xp is np and be.simulator and "numba" in BACKENDS
     for op, (module, entry) in KERNELS.items():
         fn = getattr(be, op)
-        kernel = fn.kernel  # the binder's wrapper: contract, then this kernel or the reference
+        kernel = inspect.unwrap(fn)  # the binder's wrapper: contract, then this kernel or the reference
         assert kernel.__name__ == entry and kernel.__module__ == f"nemo_scratch.backends.numba_cuda.{module}", op
     reference_ops = [k for k, v in vars(NumpyBackend).items() if isinstance(v, staticmethod) and k not in KERNELS]
     assert "discretize_dt" in reference_ops

@@ -17,7 +17,8 @@ from nemo_scratch.checkpoint.convert import quantize_checkpoint
 from nemo_scratch.config import preset
 from nemo_scratch.errors import ConfigError, InputError, PlanError
 from nemo_scratch.parallel import Placement, format_placement, plan_placement
-from nemo_scratch.parallel.memory import SCORE_TILE_BYTES, RunShape, activation_bytes, attention_tile, unit_reserves
+from nemo_scratch.parallel.memory import (SCORE_TILE_BYTES, RunShape, activation_bytes, attention_tile, decode_tile_bytes,
+                                          unit_reserves)
 from nemo_scratch.parallel.plan import min_max_partition, pp_indices, stage_cost
 from nemo_scratch.params import GB, GIB, count_bytes
 
@@ -165,7 +166,8 @@ def test_reserve_formulas():
     assert state == 2 * (18432 * 4 + 256 * 64 * 128) * 4 * (1 + 3)      # + one copy per verified token
     mtp_kv, mtp_state, _ = unit_reserves(cfg, "mtp", run_)
     assert mtp_kv == kv and mtp_state == 0                                # "*E": one attention, no record
-    assert activation_bytes(cfg, "head", run_) == (2 * 512 * 8192 + 2 * 131072) * 4   # last-position logits
+    assert activation_bytes(cfg, "head", run_) == ((2 * 512 * 8192 + 2 * 131072) * 4    # last-position logits
+                                              + decode_tile_bytes(cfg, run_))      # + the LM head's decode tile
     tile = attention_tile(cfg, RunShape(2**20, 1, 8192, "float32", 0))
     assert tile == 1 and 64 * 2**20 * 4 > SCORE_TILE_BYTES        # at 1M keys one query row is the minimum tile
     assert attention_tile(cfg, RunShape(4096, 1, 8192, "float32", 0)) == SCORE_TILE_BYTES // (64 * 4096 * 4) == 64

@@ -14,6 +14,7 @@ A backend object carries the op set of docs/oracle.md section 1 as methods:
   reference then runs instead.
 """
 
+import functools
 import importlib
 
 import numpy as np
@@ -103,5 +104,5 @@ def guarded(op, kernel, reference):
                 pass
         return reference(*args, **kwargs)
 
-    run.__name__, run.__doc__, run.kernel = op, kernel.__doc__, kernel
+    functools.update_wrapper(run, kernel)   # run.__wrapped__ is the kernel (inspect.unwrap finds it)
     return run

@@ -1,6 +1,6 @@
 """A CPU emulator of the CUDA C subset of kernels_cuda/*.cu and of the CuPy subset of nemo_scratch.backends.cupy.
 
-It lets CI, which has no GPU, run the cupy backend's real kernels and launchers (tests/test_cupy_emulated.py):
+It lets CI, which has no GPU, run the cupy backend's real kernels and launchers (the cupy-emu run of tests/test_backend_*.py):
 
     with cuda_emu.installed():                  # sys.modules["cupy"] = the emulator, backend caches cleared
                                                 # (installed(devices=3): three emulated devices)

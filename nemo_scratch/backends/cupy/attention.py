@@ -1,7 +1,8 @@
 """Launchers of kernels_cuda/attention.cu: GQA attention, tiled online softmax (prefill) and split-K (decode).
 
 Reference:  nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention.gqa_decode
-Test:       tests/test_backend_cupy_core.py::test_gqa_attention_*, ::test_gqa_decode_*
+Test:       tests/test_backend_core.py::test_gqa_attention_*, ::test_gqa_decode_*;
+            tests/test_backend_cupy_only.py::test_decode_splits_cover_the_keys_in_whole_tiles
 Tolerance:  tests/tolerances.py ("kernel_attention", float32)
 The kernels compute in float32 (the binder runs float64 calls on the reference). Arguments are checked by
 ops/contracts.py before the launch, so a wrong call fails the same way with or without a GPU.

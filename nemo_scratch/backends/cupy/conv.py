@@ -1,7 +1,7 @@
 """Launchers of kernels_cuda/conv.cu: the causal depthwise conv1d (+ SiLU), prefill and decode step.
 
 Reference:  nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_conv1d_step
-Test:       tests/test_backend_cupy_mamba.py::test_causal_conv1d_*
+Test:       tests/test_backend_mamba.py::test_causal_conv1d_*
 Tolerance:  tests/tolerances.py ("kernel_conv1d", float32)
 Same contract as the reference (checked by ops/contracts.py before the launch; float32 only). The step's
 ``out_state`` receives the new state: None allocates it (the input state is left untouched, as in the

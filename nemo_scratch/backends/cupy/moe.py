@@ -1,12 +1,12 @@
 """Launchers of kernels_cuda/moe.cu: the router and the routed experts (dispatch, grouped matmuls, combine).
 
-Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts, nemo_scratch.ops.moe.mlp
-Test:       tests/test_backend_cupy_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_*
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts
+Test:       tests/test_backend_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_*
 Tolerance:  tests/tolerances.py ("kernel_router", float32) (selection exact), ("kernel_moe", float32)
 The kernels compute in float32 (the binder runs float64 calls on the reference; the router declines a packed
 gate with Unsupported).
 Expert stacks may be dense float32 [e, f, l] / [e, l, f] arrays or NVFP4Weight / FP8Weight stacks; each is
-decoded inside the grouped matmul. Arguments are checked before cupy is imported.
+decoded inside the grouped matmul. Arguments are checked (ops/contracts.py) before cupy is imported.
 """
 
 import numpy as np

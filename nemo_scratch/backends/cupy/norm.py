@@ -1,7 +1,7 @@
 """Launchers of kernels_cuda/norm.cu: RMSNorm and the Mamba-2 gated group RMSNorm.
 
 Reference:  nemo_scratch.ops.norm.rms_norm, nemo_scratch.ops.norm.gated_rms_norm
-Test:       tests/test_backend_cupy_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
+Test:       tests/test_backend_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
 Tolerance:  tests/tolerances.py ("kernel_rms_norm", "kernel_gated_rms_norm", float32)
 One block per normalised row (rms_norm) or per (row, group) (gated_rms_norm); the leading axes are flattened.
 Arguments are checked by ops/contracts.py before the launch (float32 only).

@@ -1,8 +1,8 @@
 """Launchers of kernels_cuda/quant.cu: NVFP4 dequantisation and the fused W4A16 / W8A16 matmuls.
 
 Reference:  nemo_scratch.ops.quant.nvfp4_dequantize, nemo_scratch.ops.quant.nvfp4_matmul,
-            nemo_scratch.ops.quant.fp8_matmul, nemo_scratch.ops.linear.linear
-Test:       tests/test_backend_cupy_core.py::test_nvfp4_*, ::test_fp8_matmul_*, ::test_linear_*
+            nemo_scratch.ops.quant.fp8_matmul (nemo_scratch.ops.linear.linear sends packed weights here)
+Test:       tests/test_backend_quant.py::test_nvfp4_*, ::test_fp8_matmul_*, ::test_matmul_pinned, ::test_linear_*
 Tolerance:  dequantize bit-exact; matmuls tests/tolerances.py ("kernel_quant_matmul", float32)
 Arguments are checked by ops/contracts.py before the launch. The matmuls compute in float32 (the binder runs
 a float64 x, oracle mode, on the reference).

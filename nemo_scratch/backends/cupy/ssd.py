@@ -1,7 +1,8 @@
 """Launchers of kernels_cuda/ssd.cu: the SSD chunked scan (prefill) and the single-token state update (decode).
 
 Reference:  nemo_scratch.ops.ssd.ssd_scan_chunked, nemo_scratch.ops.ssd.ssd_step
-Test:       tests/test_backend_cupy_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
+Test:       tests/test_backend_mamba.py::test_ssd_scan_*, ::test_ssd_step_*;
+            tests/test_backend_cupy_only.py::test_kernel_limits_raise_package_errors_before_any_device_work
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 The prefill runs the four kernels of the SSD block decomposition in order (spec 3.1): chunk states,
 state passing, C.B^T per group, chunk scan. Scratch: chunk_states [b,nc,h,n,p] (p fastest, see ssd.cu),

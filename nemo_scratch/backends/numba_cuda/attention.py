@@ -1,22 +1,24 @@
 """GQA attention (no positional encoding) in Numba-CUDA: a tiled online softmax, and split-K for decode.
 
 Reference:  nemo_scratch.ops.attention.gqa_attention, nemo_scratch.ops.attention.gqa_decode
-Test:       tests/test_backend_numba_core.py::test_gqa_attention_*, ::test_gqa_decode_*
+Test:       tests/test_backend_core.py::test_gqa_attention_*, ::test_gqa_decode_*;
+            tests/test_backend_numba_only.py::test_attention_*
 Tolerance:  tests/tolerances.py ("kernel_attention", float32)
 Versions:
-  gqa_attention_v1_thread_per_row  flash-style, one thread per query row. A block holds ROWS rows that share one kv head
-                      (row = query * r + head-in-group, r = q/kv), so the K/V tiles it stages in shared memory
-                      (TILE_K keys at a time) serve every query head of the group; all threads read the same
-                      key at once (a broadcast, no bank conflicts). Each row keeps its running max m, running
-                      sum l and unnormalised output acc, and per tile: m' = max(m, max_j s_j),
-                      l = l e^(m-m') + sum_j e^(s_j-m'), acc = acc e^(m-m') + sum_j e^(s_j-m') v_j.
-                      Causal: query i sits at key position s - t + i; a block stops at its last row's position
-                      and each row masks the keys after its own. Prefill: one split, output acc / l.
-  gqa_split_merge_v1_thread_per_output  decode (split-K): the keys are cut into splits of SPLIT_KEYS; gqa_attention_v1_thread_per_row writes
-                      each split's partial (m, l, acc) and this kernel merges them, one thread per output:
-                      M = max m_i, o = sum_i e^(m_i-M) acc_i / sum_i e^(m_i-M) l_i.
-  Not here: v2_warp_per_row (kernels_cuda/attention.cu): a warp-per-row layout (lanes split dh,
-  shuffle reductions) is the known next step, but the simulator the tests run on has no shuffles.
+  gqa_attention_v1_thread_per_row
+      flash-style, one thread per query row. A block holds ROWS rows that share one kv head (row = query * r +
+      head-in-group, r = q/kv), so the K/V tiles it stages in shared memory (TILE_K keys at a time) serve every
+      query head of the group; all threads read the same key at once (a broadcast, no bank conflicts). Each row
+      keeps its running max m, running sum l and unnormalised output acc, and per tile: m' = max(m, max_j s_j),
+      l = l e^(m-m') + sum_j e^(s_j-m'), acc = acc e^(m-m') + sum_j e^(s_j-m') v_j. Causal: query i sits at key
+      position s - t + i; a block stops at its last row's position and each row masks the keys after its own.
+      Prefill: one split, output acc / l.
+  gqa_split_merge_v1_thread_per_output
+      decode (split-K): the keys are cut into splits of SPLIT_KEYS; gqa_attention_v1_thread_per_row writes each
+      split's partial (m, l, acc) and this kernel merges them, one thread per output:
+      M = max m_i, o = sum_i e^(m_i-M) acc_i / sum_i e^(m_i-M) l_i.
+  Not here: the v2 kernels of kernels_cuda/attention.cu (a warp per row: lanes split dh, shuffle reductions),
+  which the simulator the tests run on cannot run (it has no shuffles).
 Build:      @cuda.jit(fastmath=False); float32 compute and state (the binder runs float64 calls on the
             reference). The head dim sets the size of two per-thread arrays: kernels are built per power of
             two >= dh; past dh = 192 a tile holds fewer keys (48 KiB of shared memory), past 6144 the kernel

@@ -4,11 +4,13 @@ Reference:  nemo_scratch.ops.conv.causal_conv1d, nemo_scratch.ops.conv.causal_co
 Test:       tests/test_backend_mamba.py::test_causal_conv1d_*, ::test_causal_conv1d_step_*
 Tolerance:  tests/tolerances.py ("kernel_conv1d", float32)
 Versions:
-  causal_conv1d_v1_thread_per_output       one thread per output y[b, t, c] (consecutive threads = consecutive channels,
-                               so every load of x is coalesced); w multiply-adds from global memory (the
-                               w-1 neighbours come from L1). The thread at t = 0 also writes new_state[b, c].
-  causal_conv1d_step_v1_thread_per_row  one thread per (b, c): shift the w-column window, append x, convolve. The
-                               thread owns its state row, so new_state may be the state buffer itself.
+  causal_conv1d_v1_thread_per_output
+      one thread per output y[b, t, c] (consecutive threads = consecutive channels, so every load of x is
+      coalesced); w multiply-adds from global memory (the w-1 neighbours come from L1). The thread at t = 0
+      also writes new_state[b, c]. (kernels_cuda/conv.cu's version of the same name is the same idea.)
+  causal_conv1d_step_v1_thread_per_row
+      one thread per (b, c): shift the w-column window, append x, convolve. The thread owns its state row, so
+      new_state may be the state buffer itself.
   No v2: the conv streams x once and is memory-bound already (w <= 4 in every Nemotron config).
 Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs float64 calls on the reference).
 """

@@ -1,27 +1,30 @@
 """The MoE router and the routed experts in Numba-CUDA.
 
-Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts, nemo_scratch.ops.moe.mlp
-Test:       tests/test_backend_numba_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_with_packed_weights
+Reference:  nemo_scratch.ops.moe.route, nemo_scratch.ops.moe.moe_experts (nemo_scratch.ops.moe.mlp runs the
+            packed matmuls of quant.py)
+Test:       tests/test_backend_core.py::test_route_*, ::test_moe_experts_*, ::test_mlp_*
 Tolerance:  selection identical (same experts, same order); weights ("kernel_router", float32);
-            experts ("kernel_moe", float32); mlp ("kernel_quant_matmul", float32)
+            experts ("kernel_moe", float32)
 Versions:
-  route_v1_rank_select      one block per TOKENS tokens. The threads take an expert each: float32 logits over the
-                      full width d (x staged in shared memory D_CHUNK columns at a time, every gate element
-                      read once per block), then s = sigmoid, sc = s + bias, both kept in shared memory.
-                      Group-limited top-k and top-k are both a RANK: rank(e) = #{e' : sc[e'] > sc[e], or
-                      sc[e'] == sc[e] and e' < e}; e is picked, in slot rank(e), when rank(e) < k. That is
-                      exactly the reference order (descending biased score, ties to the lower index) with no
-                      sort and no inter-thread communication. Groups are ranked the same way on the sum of
-                      their top-2 scores; experts of dropped groups score -inf. Weights w = s[idx], then
-                      w / (sum w + 1e-20) * routed_scaling_factor by one thread a token.
-  moe_scatter_v1_atomics     tokens grouped by expert: count the (token, slot) pairs of each expert (integer
-                      atomics), an exclusive prefix sum gives each expert's offsets, a scatter writes the
-                      permutation (pair ids, expert by expert; the order inside an expert is free).
-  experts: two grouped GEMMs (quant.matmul_v1_smem_tile, one group per expert, the weight format decoded on
-                      the fly): h = relu2(x[tok] up[e]^T) in permuted order, y[pair] = h down[e]^T back in
-                      pair order; then moe_combine_v1_thread_per_output sums out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot
-                      order (deterministic: each pair owns its row of y, so no float atomics are needed).
-                      Only the experts that were hit get GEMM blocks (the decode case: k of e experts).
+  route_v1_rank_select
+      one block per TOKENS tokens. The threads take an expert each: float32 logits over the full width d (x
+      staged in shared memory D_CHUNK columns at a time, every gate element read once per block), then
+      s = sigmoid, sc = s + bias, both kept in shared memory. Group-limited top-k and top-k are both a RANK:
+      rank(e) = #{e' : sc[e'] > sc[e], or sc[e'] == sc[e] and e' < e}; e is picked, in slot rank(e), when
+      rank(e) < k. That is exactly the reference order (descending biased score, ties to the lower index) with
+      no sort and no inter-thread communication. Groups are ranked the same way on the sum of their top-2
+      scores; experts of dropped groups score -inf. Weights w = s[idx], then w / (sum w + 1e-20) *
+      routed_scaling_factor by one thread a token.
+  moe_count_v1_atomics, moe_offsets_v1_one_thread, moe_scatter_v1_atomics
+      tokens grouped by expert: count the (token, slot) pairs of each expert (integer atomics), an exclusive
+      prefix sum by one thread gives each expert's offsets, a scatter writes the permutation (pair ids, expert
+      by expert; the order inside an expert is free). The same ideas as kernels_cuda/moe.cu's.
+  the experts: two grouped GEMMs (quant.matmul_v1_smem_tile, one group per expert, the weight format decoded
+      on the fly): h = relu2(x[tok] up[e]^T) in permuted order, y[pair] = h down[e]^T back in pair order.
+      Only the experts that were hit get GEMM blocks (the decode case: k of e experts).
+  moe_combine_v1_thread_per_output
+      out[t] = sum_j w[t,j] y[t*k+j] in float32, in slot order (deterministic: each pair owns its row of y, so
+      no float atomics are needed).
 Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs float64 calls on the reference; the
             router declines a packed gate, and more experts than fit shared memory, with Unsupported).
 """

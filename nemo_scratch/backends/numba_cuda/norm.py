@@ -4,11 +4,11 @@ Reference:  nemo_scratch.ops.norm.rms_norm, nemo_scratch.ops.norm.gated_rms_norm
 Test:       tests/test_backend_mamba.py::test_rms_norm_*, ::test_gated_rms_norm_*
 Tolerance:  tests/tolerances.py ("kernel_rms_norm", "kernel_gated_rms_norm", float32)
 Versions:
-  rms_norm_v1_block_per_group  one block per (row, group); the threads stride over the group's width, a shared-memory
-                     tree reduction (runtime.block_sum) gives sum(v^2), then the same threads write
-                     weight * v * rsqrt(mean + eps). Gated: v = y * silu(z), recomputed in the second pass
-                     instead of stored (two reads of y and z from L1/L2 beat a round trip through memory).
-                     Plain RMSNorm is the case n_groups = 1 without a gate.
+  rms_norm_v1_block_per_group
+      one block per (row, group); the threads stride over the group's width, a shared-memory tree reduction
+      (runtime.block_sum) gives sum(v^2), then the same threads write weight * v * rsqrt(mean + eps). Gated:
+      v = y * silu(z), recomputed in the second pass instead of stored (two reads of y and z from L1/L2 beat a
+      round trip through memory). Plain RMSNorm is the case n_groups = 1 without a gate.
   No v2: one pass of reads and one of writes over a row that fits in L1; warp shuffles would save a few
   syncthreads but do not exist on the simulator the tests run on.
 Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs float64 calls on the reference).

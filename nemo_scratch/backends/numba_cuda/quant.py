@@ -3,31 +3,35 @@
 Reference:  nemo_scratch.ops.quant.e2m1_decode, nemo_scratch.ops.quant.e4m3_decode,
             nemo_scratch.ops.quant.nvfp4_dequantize, nemo_scratch.ops.quant.nvfp4_matmul,
             nemo_scratch.ops.quant.fp8_matmul (nemo_scratch.ops.linear.linear sends packed weights here)
-Test:       tests/test_backend_numba_core.py::test_decode_every_code_bit_exact, ::test_nvfp4_dequantize_bit_exact,
-            ::test_quant_matmul_matches_reference, ::test_mlp_with_packed_weights, ::test_kernels_compile_for_sm90
+Test:       tests/test_backend_numba_only.py::test_decode_every_code_bit_exact, ::test_kernels_compile_for_sm90;
+            tests/test_backend_quant.py::test_nvfp4_dequantize_*, ::test_nvfp4_matmul_*, ::test_fp8_matmul_*,
+            ::test_matmul_pinned, ::test_linear_*; tests/test_backend_core.py::test_mlp_*
 Tolerance:  decodes and dequantisation bit-exact (bit patterns compared); matmuls ("kernel_quant_matmul", float32)
 Versions:
-  e2m1_value / e4m3_value   THE device decode of the package (every kernel here and the expert GEMMs of
-                            moe.py call it): the value is rebuilt from the bit fields as an exact integer times
-                            a power of two; E4M3 subnormals (exp = 0) and NaN (0x7F/0xFF) included.
-                            minifloat_decode_v1_thread_per_code runs it over an array of codes (the bit-exact test of it).
-  nvfp4_dequantize_v1_thread_per_byte one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale,
-                            multiplied in that order (e2m1 * scale is exact, so the one rounding is the last
-                            multiply, as in the reference).
-  matmul_v1_smem_tile           out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of
-                            group g (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W
-                            tiles staged in shared memory, W decoded element by element on its way in. A
-                            plain matmul is one group; moe.py runs every expert as a group (grouped GEMM).
-  matmul_v2_warp_per_column            m <= GEMV_ROWS rows of x (decode, batch 1): GEMV_LANES threads (a warp) per
-                            output feature stride over the input width (coalesced reads of the packed weight),
-                            decode in registers, accumulate every row of x, then one shared-memory tree over
-                            the lanes. Why: at m = 1, v1 keeps TILE-1 of its TILE thread rows idle in the inner
-                            products; v2 puts every thread on a dot product. (Reasoned, not yet timed: no GPU
-                            was available when it was written.)
+  e2m1_value / e4m3_value
+      THE device decode of the package (every kernel here and the expert GEMMs of moe.py call it): the value is
+      rebuilt from the bit fields as an exact integer times a power of two; E4M3 subnormals (exp = 0) and NaN
+      (0x7F/0xFF) included. minifloat_decode_v1_thread_per_code runs it over an array of codes (its test).
+  nvfp4_dequantize_v1_thread_per_byte
+      one thread per packed byte: two E2M1 nibbles * E4M3 block scale * global scale, multiplied in that order
+      (e2m1 * scale is exact, so the one rounding is the last multiply, as in the reference). The same idea as
+      kernels_cuda/quant.cu's.
+  matmul_v1_smem_tile
+      out[out_rows[r], n] = act(sum_kk x[x_rows[r], kk] * W_g[n, kk]) for the rows r of group g
+      (offsets[g] <= r < offsets[g+1]): TILE x TILE outputs a block, x and W tiles staged in shared memory, W
+      decoded element by element on its way in. A plain matmul is one group; moe.py runs every expert as a
+      group (grouped GEMM).
+  matmul_v2_warp_per_column
+      m <= GEMV_ROWS rows of x (decode, batch 1): GEMV_LANES threads (a warp) per output feature stride over
+      the input width (coalesced reads of the packed weight), decode in registers, accumulate every row of x,
+      then one shared-memory tree over the lanes. Why: at m = 1, v1 keeps TILE-1 of its TILE thread rows idle
+      in the inner products; v2 puts every thread on a dot product (kernels_cuda/quant.cu's matmuls are the
+      same idea, with warp shuffles). (Reasoned, not yet timed on a GPU.)
   The weight formats are device functions with one signature, fetch(wa, wb, wc, g, n, kk) -> W_g[n, kk]:
   dense (wa float32 [g,out,in]), NVFP4 (packed, block_scale, global_scale), FP8 (data, -, scale); each matmul
   kernel is built once per format (a closure over its fetch function, which numba compiles in as a constant).
-Build:      @cuda.jit(fastmath=False); float32 compute. float64 x (oracle mode) runs the reference on xp.
+Build:      @cuda.jit(fastmath=False); float32 compute (the binder runs a float64 x, oracle mode, on the
+            reference).
 """
 
 import math

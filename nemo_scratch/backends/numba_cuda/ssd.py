@@ -4,17 +4,21 @@ Reference:  nemo_scratch.ops.ssd.ssd_scan_chunked, nemo_scratch.ops.ssd.ssd_step
 Test:       tests/test_backend_mamba.py::test_ssd_scan_*, ::test_ssd_step_*
 Tolerance:  tests/tolerances.py ("kernel_ssd", "kernel_ssd_step", float32)
 Versions (the prefill is four kernels, the four steps of the SSD block decomposition, spec 3.1):
-  ssd_chunk_cb_v1_thread_per_entry        cb[b,c,g,l,s] = C_l . B_s inside each chunk (s <= l), one thread per entry;
-                               shared by the h/g heads of a group, so the n-long dot products run once.
-  ssd_chunk_state_v1_thread_per_entry     each chunk's own end state, one thread per (b,c,h,p,n), n fastest:
-                               states[c] = sum_s exp(sum_{k>s} dt_k A) dt_s x_s B_s; also the chunk's total
-                               log-decay sum_s dt_s A.
-  ssd_state_passing_v1_thread_per_entry   one thread per (b,h,p,n) walks the chunks in order: the state entering chunk
-                               c (overwrites states[c]) and the final state. Initial state = the cache.
-  ssd_chunk_scan_v1_thread_per_output      one thread per y[b,t,h,p], p fastest: the diagonal block (intra-chunk) plus
-                               the decayed entering state (inter-chunk) plus D x.
-  ssd_step_v1_block_per_row            decode: one block per (b,h,p) row, threads over n, shared-memory reduction for
-                               y = sum_n state C; new_state may be the state buffer itself (in place).
+  ssd_chunk_cb_v1_thread_per_entry
+      cb[b,c,g,l,s] = C_l . B_s inside each chunk (s <= l), one thread per entry; shared by the h/g heads of a
+      group, so the n-long dot products run once.
+  ssd_chunk_state_v1_thread_per_entry
+      each chunk's own end state, one thread per (b,c,h,p,n), n fastest:
+      states[c] = sum_s exp(sum_{k>s} dt_k A) dt_s x_s B_s; also the chunk's total log-decay sum_s dt_s A.
+  ssd_state_passing_v1_thread_per_entry
+      one thread per (b,h,p,n) walks the chunks in order: the state entering chunk c (overwrites states[c])
+      and the final state. Initial state = the cache. (The same idea as kernels_cuda/ssd.cu's.)
+  ssd_chunk_scan_v1_thread_per_output
+      one thread per y[b,t,h,p], p fastest: the diagonal block (intra-chunk) plus the decayed entering state
+      (inter-chunk) plus D x.
+  ssd_step_v1_block_per_row
+      decode: one block per (b,h,p) row, threads over n, shared-memory reduction for y = sum_n state C;
+      new_state may be the state buffer itself (in place).
   Decays are exp of segment sums accumulated from the later end (sum_{k=s+1..l} dt_k A), never differences of
   cumulative sums, which cancel in float32 (the reference's segsum makes the same choice).
   Not here: the v2 kernels of kernels_cuda/ssd.cu (a block per chunk; the chunk scan's decay-masked C.B^T
