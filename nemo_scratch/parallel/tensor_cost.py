@@ -21,7 +21,7 @@ from math import comb
 
 from ..checkpoint.modelopt import recipe_formats
 from ..params import tensor_bytes
-from .shard import attention_kv_heads, check_layout, mamba_conv_channels, mamba_in_proj_rows
+from .shard import Layout, attention_kv_heads, check_layout, mamba_conv_channels, mamba_in_proj_rows
 
 REPLICATED_ROLES = frozenset({"norm", "norm_f", "gate", "gate_bias", "fc1_latent", "fc2_latent"})
 PARTS = {"in_proj": "mamba", "conv": "mamba", "conv_bias": "mamba", "A_log": "mamba", "D": "mamba",
@@ -135,3 +135,32 @@ def format_modelled(report, gb=1e9):
     rows.append(f"| per rank (slowest, uniform routing) | {report['per_rank_slowest'] / gb:.2f} |")
     rows.append(f"| one device, unsharded | {report['single_device'] / gb:.2f} |")
     return "\n".join(rows)
+
+
+def describe_collectives(counts):
+    """{"all_reduce": 109, "all_gather": 1} -> "109 all-reduces, 1 all-gather"."""
+    return ", ".join(f"{n} {k.replace('_', '-')}{'' if n == 1 else 's'}" for k, n in counts.items())
+
+
+def main(argv=None):
+    """``python -m nemo_scratch.parallel.tensor_cost``: the modelled tables of docs/parallel.md."""
+    import argparse
+
+    from ..config import preset
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--preset", default="ultra")
+    parser.add_argument("--recipe", default="ultra")
+    parser.add_argument("--ranks", type=int, default=8)
+    args = parser.parse_args(argv)
+    cfg = preset(args.preset)
+    for layout in (Layout.of(tp=args.ranks), Layout.of(args.ranks, args.ranks), Layout.of(ep=args.ranks)):
+        report = modelled_decode(cfg, args.recipe, layout)
+        print(f"\n{args.preset} {args.recipe} {layout.label} (MODELLED): "
+              f"{describe_collectives(report['collectives'])} per token\n")
+        print("| part | GB per token, per rank |\n|---|---:|")
+        print(format_modelled(report))
+
+
+if __name__ == "__main__":
+    main()
