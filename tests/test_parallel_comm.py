@@ -94,6 +94,7 @@ def fake_cupy():
         empty_like=lambda a: dev(np.empty_like(a)), empty=lambda s, dtype: dev(np.empty(s, dtype)),
         asnumpy=lambda a: np.array(a), cuda=types.SimpleNamespace(
             Device=lambda k: types.SimpleNamespace(id=k, use=lambda: None),
+            runtime=types.SimpleNamespace(getDeviceCount=lambda: 2),
             get_current_stream=lambda: types.SimpleNamespace(ptr=0)))
 
 
@@ -169,6 +170,8 @@ def test_nccl_comm_calls_and_layout():
     assert g0.shape == (2, 2, 3) and b.tolist() == [6]
     with pytest.raises(InputError, match="NCCL collective on dtype complex128"):
         comms[0].all_reduce(np.ones(2, dtype=np.complex128))
+    with pytest.raises(BackendError, match="NCCL rank 2 of 4 needs GPU 2, but 2 GPU"):
+        NcclComm(2, 4, b"uid", cupy=fake_cupy(), nccl=fake_nccl(4))
 
 
 def test_the_rank_code_runs_unchanged_over_the_nccl_interface(tmp_path):

@@ -212,7 +212,12 @@ class NcclComm(Comm):
         if cupy is None:
             import cupy
         self.cp, self.nccl = cupy, nccl or nccl_module()
-        self.device = cupy.cuda.Device(rank if device is None else device)
+        device = rank if device is None else device
+        visible = cupy.cuda.runtime.getDeviceCount()
+        if device >= visible:
+            raise BackendError(f"NCCL rank {rank} of {size} needs GPU {device}, but {visible} GPU(s) are visible: "
+                               "one GPU per rank (NCCL refuses two ranks on one device)")
+        self.device = cupy.cuda.Device(device)
         self.device.use()
         self.communicator = self.nccl.NcclCommunicator(size, uid, rank)
 

@@ -21,6 +21,10 @@ Stored weights shard with their scales: a BF16Weight's bits, an FP8Weight's data
 an NVFP4Weight's packed codes together with their block scales (a row cut keeps both rows; a column cut must
 fall on 16-element blocks and cuts both alike; global_scale and input_scale kept). An ExpertBank cuts each
 expert. An impossible split is a one-line PlanError naming the config field and R.
+
+Deviation: vLLM's mamba_mixer2.py accepts an n_groups that R does not divide only when n_groups is 1; here any
+n_groups that divides R is accepted, with the same all-reduce of the norm's sums of squares. The embedding is
+vocab-parallel (one all-reduce), as vLLM's VocabParallelEmbedding; the MTP head's eh_proj stays whole.
 """
 
 from __future__ import annotations

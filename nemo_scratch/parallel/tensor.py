@@ -61,7 +61,11 @@ class SpanNorm:
 def ep_moe_parts(x, p, cfg, be, shard):  # [b,t,d] -> (partial [b,t,d], local [b,t,d] or None)
     """The MoE mixer under expert parallelism: the replicated router picks the same experts on every rank;
     this rank runs the ones it owns. -> (what the all-reduce adds up, what is added after it: the shared
-    expert when it is replicated, else None)."""
+    expert when it is replicated, else None).
+
+    Deviation: vLLM and SGLang move EP tokens by all-gather / all-to-all. Here every rank holds every token
+    (batch 1 has nothing to spread), so the experts' outputs ride on the block's one all-reduce: exact at any
+    batch, cheap only while the tokens are few."""
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     xp = get_xp(xf)
