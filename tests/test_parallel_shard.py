@@ -38,7 +38,7 @@ def layer_cfg(**overrides):
 
 def layers(cfg, seed=0):
     tensors = {k: v.astype(np.float64) for k, v in random_tensors(cfg, seed).items()}
-    return {p["type"]: p for p in build_params(cfg, tensors, with_mtp=False)["layers"]}
+    return {p["type"]: p for p in build_params(cfg, tensors, with_mtp=False, dtype=np.float64)["layers"]}
 
 
 def stored(w, fmt):  # float64 [out, in] -> the format

@@ -39,10 +39,10 @@ class Routes:
         return idx, w
 
 
-def pair(cfg, params, layout):
+def pair(cfg, params, layout, info=None):
     """(single-device model, sharded model), both recording their routes."""
-    ref = Model(cfg, params, backend=Routes(get_backend("numpy")))
-    sharded = LocalShardedModel(cfg, params, layout)
+    ref = Model(cfg, params, backend=Routes(get_backend("numpy")), info=info)
+    sharded = LocalShardedModel(cfg, params, layout, info=info)
     for m in sharded.ranks:
         m.backend = Routes(m.backend)
     return ref, sharded
@@ -68,15 +68,15 @@ def checkpoints(tmp_path_factory):
 
 
 def params_of(path, weights="float32"):
-    cfg, tensors, _ = load_tensors(path, dtype="float64", weights=weights)
-    return cfg, build_params(cfg, tensors)
+    cfg, tensors, info = load_tensors(path, dtype="float64", weights=weights)
+    return cfg, build_params(cfg, tensors, dtype=np.float64), info
 
 
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_tiny_logits_routes_decode_and_counts(checkpoints, name):
-    cfg, params = params_of(checkpoints["tiny"])
+    cfg, params, info = params_of(checkpoints["tiny"])
     layout = LAYOUTS[name]
-    ref, sharded = pair(cfg, params, layout)
+    ref, sharded = pair(cfg, params, layout, info)
     want = ref.forward(PROMPT)
     outs = sharded.run(lambda m: m.forward(PROMPT))
     assert outs[0].shape == (1, 7, cfg.vocab_size) and outs[0].dtype == np.float64
@@ -99,9 +99,9 @@ def test_tiny_logits_routes_decode_and_counts(checkpoints, name):
 
 @pytest.mark.parametrize("name", ["TP2", "TP4", "EP4", "TP2+EP2"])
 def test_tiny_generation_greedy_sampled_and_speculative(checkpoints, name):
-    cfg, params = params_of(checkpoints["tiny"])
+    cfg, params, info = params_of(checkpoints["tiny"])
     layout = LAYOUTS[name]
-    ref, sharded = pair(cfg, params, layout)
+    ref, sharded = pair(cfg, params, layout, info)
     sharded.reset_counts()
     res = sharded.generate(PROMPT[0], 6)
     assert res.ids.shape == (1, 6) and res.ids.dtype == np.int64
@@ -123,25 +123,25 @@ def test_tiny_generation_greedy_sampled_and_speculative(checkpoints, name):
 def test_quantized_tiny_with_stored_weights(checkpoints, name):
     """The `quantize --recipe ultra` copy, weights as stored: NVFP4 experts, FP8 Mamba and shared expert, BF16
     attention and head (their cuts keep the formats)."""
-    cfg, params = params_of(checkpoints["tiny-ultra"], weights="stored")
+    cfg, params, info = params_of(checkpoints["tiny-ultra"], weights="stored")
     assert isinstance(params["layers"][0]["in_proj"], FP8Weight) and isinstance(params["lm_head"], BF16Weight)
     assert isinstance(params["layers"][2]["experts_up"][0], NVFP4Weight)
-    ref, sharded = pair(cfg, params, LAYOUTS[name])
+    ref, sharded = pair(cfg, params, LAYOUTS[name], info)
     assert isinstance(sharded.ranks[1].params["layers"][0]["out_proj"], FP8Weight)
     assert_close(sharded.forward(PROMPT), ref.forward(PROMPT), "sharded_model", what=f"quantized tiny {name}")
     same_routes(ref, sharded)
     np.testing.assert_array_equal(sharded.generate(PROMPT[0], 4, mtp=True).ids, ref.generate(PROMPT[0], 4).ids)
     # TP-sliced NVFP4 experts would cut moe_intermediate_size 16 into 8-column halves: not on a 16-block
     with pytest.raises(PlanError, match=r"layer 2 experts down_proj \(moe_intermediate_size = 16, R = 2\)"):
-        LocalShardedModel(cfg, params, LAYOUTS["TP2"])
+        LocalShardedModel(cfg, params, LAYOUTS["TP2"], info=info)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["TP2", "TP4", "EP4", "TP2+EP2"])
 def test_small_logits_routes_decode_and_greedy(checkpoints, name):
     """small (n_groups 4, 2 kv heads, 32 experts): short sequences, its forward is ~50x tiny's."""
-    cfg, params = params_of(checkpoints["small"])
-    ref, sharded = pair(cfg, params, LAYOUTS[name])
+    cfg, params, info = params_of(checkpoints["small"])
+    ref, sharded = pair(cfg, params, LAYOUTS[name], info)
     prompt = PROMPT[:, :4] * 37
     cache, rcache = sharded.new_cache(), ref.new_cache()
     assert_close(sharded.forward(prompt, cache), ref.forward(prompt, rcache), "sharded_model", what=f"small {name}")

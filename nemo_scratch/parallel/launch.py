@@ -64,8 +64,8 @@ def load_rank(path, layout, comm, backend="numpy", dtype="float32", dt_floor="co
     from .tensor import RankModel
 
     cfg, tensors, info = load_tensors(path, dtype=dtype, weights="stored")
-    return RankModel.from_params(cfg, build_params(cfg, tensors), layout, comm, backend=backend,
-                                 dt_floor=dt_floor, info=info)
+    params = build_params(cfg, tensors, dtype=np.dtype(info["dtype"]))
+    return RankModel.from_params(cfg, params, layout, comm, backend=backend, dt_floor=dt_floor, info=info)
 
 
 def _join(rank, size, conn, kind):

@@ -22,14 +22,17 @@ through ``RankZeroRng``: rank 0 draws and broadcasts, so every rank takes the sa
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
-from ..backends import get_backend
+from ..guards import FiniteTrail, check_generate, check_logits
+from ..model import generate as gen
 from ..model.blocks import MIXERS, block, mamba_mixer
 from ..model.cache import Cache
-from ..model.model import Model, embedding_rows, resolve_dt_limit
+from ..model.model import Model, check_prefill_chunk, embedding_rows
 from ..model.mtp import MTPHead
-from ..model.weights import map_tree
+from ..model.weights import as_dense
 from ..ops.common import get_xp
 from ..ops.norm import silu
 from .comm import LocalComm, run_ranks
@@ -69,7 +72,7 @@ def ep_moe_parts(x, p, cfg, be, shard):  # [b,t,d] -> (partial [b,t,d], local [b
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     xp = get_xp(xf)
-    idx, w = be.route(xf, p["gate"], p["gate_bias"], cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
+    idx, w = be.route(xf, p["gate"], as_dense(p["gate_bias"], x.dtype), cfg.num_experts_per_tok, cfg.n_group, cfg.topk_group,
                       cfg.norm_topk_prob, cfg.routed_scaling_factor)                  # [bt,k], [bt,k]
     # u = fc1 x; r = sum over this rank's selected experts of w * expert(u); out = fc2 r
     u = xf if p.get("fc1") is None else be.linear(xf, p["fc1"])                      # [bt,l]
@@ -92,7 +95,7 @@ def rank_block(h, p, shard, cfg, be, comm, state=None, dt_limit=(0.0, float("inf
     the layer is replicated."""
     if shard.split == "replicated":
         return block(h, p, cfg, be, state, dt_limit)
-    x = be.rms_norm(h, p["norm"], cfg.layer_norm_epsilon)
+    x = be.rms_norm(h, as_dense(p["norm"], h.dtype), cfg.layer_norm_epsilon)
     if shard.type == "mamba":
         nbe = be if shard.norm is None else SpanNorm(be, comm, shard.norm)
         return h + comm.all_reduce(mamba_mixer(x, p, cfg, nbe, state, dt_limit))
@@ -130,15 +133,10 @@ class RankModel(Model):
     """One rank of a sharded model, with the Model API (embed, hidden, logits, forward, new_cache, mtp,
     generate). Build it with ``RankModel.from_params(cfg, params, layout, comm)``."""
 
-    def __init__(self, cfg, rank_params, plan, comm, backend="numpy", dt_floor="config", info=None,
-                 tokenizer=None, path=None):
-        self.cfg, self.plan, self.comm = cfg, plan, comm
+    def __init__(self, cfg, rank_params, plan, comm, **model_options):
+        super().__init__(cfg, rank_params, **model_options)         # one device: this rank's
+        self.plan, self.comm = plan, comm
         self.rank_cfg, self.layout = plan["cfg"], plan["layout"]
-        self.backend = get_backend(backend)
-        self.params = map_tree(rank_params, self.backend.asarray)
-        self.dtype = np.dtype(self.params["norm_f"].dtype)
-        self.dt_limit = resolve_dt_limit(cfg, dt_floor)
-        self.info, self.tokenizer, self.path, self._mtp = info or {}, tokenizer, path, None
 
     @classmethod
     def from_params(cls, cfg, params, layout, comm, **kwargs):
@@ -146,9 +144,9 @@ class RankModel(Model):
         rank_params, plan = shard_params(params, cfg, layout, comm.rank)
         return cls(cfg, rank_params, plan, comm, **kwargs)
 
-    def new_cache(self, batch=1):
+    def new_cache(self, batch=1, kv_capacity=None):
         """This rank's cache: its Mamba heads' conv/SSM states and its kv heads' K/V."""
-        return Cache(self.cfg.layers_block_type, self.rank_cfg, batch, self.dtype, self.backend.xp)
+        return Cache(self.cfg.layers_block_type, self.rank_cfg, batch, self.dtype, self.backend.xp, kv_capacity)
 
     def embed(self, ids):  # [b,t] -> [b,t,d]
         idx = self.check_ids(ids)
@@ -164,17 +162,22 @@ class RankModel(Model):
         return self.comm.all_reduce(be.xp.where(be.asarray(mine[..., None]), rows, self.dtype.type(0)))
 
     def _hidden(self, ids, cache):  # [b,t] (checked) -> [b,t,d]
+        trail = FiniteTrail(self, ids)               # the finiteness hook of model/model.py (nemo_scratch/guards.py)
         h = self.embed(ids)
+        if self.layout.dense == "replicated":        # a cut table cannot be searched by global ids: layer 0 says
+            trail.record("embeddings", h)
         for i, (p, shard) in enumerate(zip(self.params["layers"], self.plan["layers"])):
-            h = rank_block(h, p, shard, self.rank_cfg, self.backend, self.comm,
-                           None if cache is None else cache.layers[i], self.dt_limit)
+            h = trail.record(i, rank_block(h, p, shard, self.rank_cfg, self.backend, self.comm,
+                                           None if cache is None else cache.layers[i], self.dt_limit))
         if cache is not None:
             cache.length += ids.shape[1]
-        return self.backend.rms_norm(h, self.params["norm_f"], self.cfg.layer_norm_epsilon)
+        return trail.check(self.backend.rms_norm(h, as_dense(self.params["norm_f"], self.dtype),
+                                                 self.cfg.layer_norm_epsilon))
 
     def logits(self, h):  # [b,t,d] -> [b,t,v]
         part = self.backend.linear(h, self.params["lm_head"])                        # [b,t,v/R]
-        return part if self.layout.dense == "replicated" else self.comm.all_gather(part, axis=-1)
+        out = part if self.layout.dense == "replicated" else self.comm.all_gather(part, axis=-1)
+        return check_logits(self, out, h)
 
     @property
     def mtp(self):
@@ -182,29 +185,47 @@ class RankModel(Model):
             self._mtp = RankMTPHead(self)
         return self._mtp
 
-    def generate(self, ids, max_new_tokens, seed=None, **kwargs):
-        """Model.generate with rank 0's sampling shared by broadcast (RankZeroRng); every rank returns the ids."""
-        return super().generate(ids, max_new_tokens, seed=RankZeroRng(seed, self.comm), **kwargs)
+    def generate(self, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0, seed=None, mtp=False,
+                 draft_depth=1, stop_at_eos=False, on_token=None, prefill_chunk=None):
+        """model/generate.py::generate with one change: the random draws are rank 0's, broadcast (RankZeroRng),
+        so every rank decodes the same tokens; every rank returns the GenerationResult."""
+        prompt = self.check_ids(ids)
+        chunk = check_prefill_chunk(prefill_chunk)
+        gen._check_args(self, max_new_tokens, 1.0 if greedy else temperature, top_p, mtp, draft_depth,
+                        prompt.shape[0])
+        check_generate(self, prompt.shape, max_new_tokens, seed, mtp, draft_depth, chunk)
+        dist = (lambda logits: gen.token_probs(logits, 0.0 if greedy else temperature, 1.0 if greedy else top_p))
+        rng, start = RankZeroRng(seed, self.comm), time.perf_counter()
+        if mtp:
+            out, prefill_s, stats = gen._speculative(self, prompt, max_new_tokens, dist, rng, draft_depth,
+                                                     stop_at_eos, on_token, prefill_chunk)
+        else:
+            out, prefill_s, stats = gen._plain(self, prompt, max_new_tokens, dist, rng, stop_at_eos, on_token,
+                                               prefill_chunk)
+        return gen.GenerationResult(np.asarray(out, dtype=np.int64).reshape(prompt.shape[0], -1),
+                                    time.perf_counter() - start, prefill_s, stats)
 
 
 class RankMTPHead(MTPHead):
     """The MTP head of one rank: enorm, hnorm, eh_proj and final_layernorm whole; its layers sharded."""
 
-    def new_cache(self, batch=1):
-        return Cache(self.cfg.mtp_layers_block_type, self.model.rank_cfg, batch, self.model.dtype, self.be.xp)
+    def new_cache(self, batch=1, kv_capacity=None):
+        return Cache(self.cfg.mtp_layers_block_type, self.model.rank_cfg, batch, self.model.dtype, self.be.xp,
+                     kv_capacity)
 
     def step(self, hidden, next_ids, cache=None):  # [b,t,d], [b,t] -> ([b,t,v], [b,t,d])
         be, p, m = self.be, self.p, self.model
-        eps = self.cfg.layer_norm_epsilon
+        eps, dense = self.cfg.layer_norm_epsilon, (lambda key: as_dense(p[key], m.dtype))
         e = m.embed(next_ids)                                                           # [b,t,d]
         # a = eh_proj(concat[enorm(e), hnorm(h)])   (embedding first; model/mtp.py)
-        a = be.xp.concatenate([be.rms_norm(e, p["enorm"], eps), be.rms_norm(hidden, p["hnorm"], eps)], axis=-1)
+        a = be.xp.concatenate([be.rms_norm(e, dense("enorm"), eps), be.rms_norm(hidden, dense("hnorm"), eps)],
+                              axis=-1)
         a = be.linear(a, p["eh_proj"])
         for j, (layer, shard) in enumerate(zip(p["layers"], m.plan["mtp_layers"])):
             a = rank_block(a, layer, shard, m.rank_cfg, be, m.comm, None if cache is None else cache.layers[j])
         if cache is not None:
             cache.length += a.shape[1]
-        h = be.rms_norm(a, p["final_layernorm"], eps)
+        h = be.rms_norm(a, dense("final_layernorm"), eps)
         return m.logits(h), h
 
 
@@ -212,11 +233,11 @@ class LocalShardedModel:
     """All ranks of ``layout`` in this process, one thread each over LocalComm; the Model API answers with
     rank 0's result. ``run(fn)`` gives every rank's ``fn(rank_model)``; a cache is a list of per-rank caches."""
 
-    def __init__(self, cfg, params, layout, backend="numpy", dt_floor="config", tokenizer=None):
+    def __init__(self, cfg, params, layout, backend="numpy", dt_floor="config", info=None, tokenizer=None):
         layout = layout if isinstance(layout, Layout) else Layout.of(*layout)
         self.cfg, self.layout, self.tokenizer = cfg, layout, tokenizer
         self.comms = LocalComm.group(layout.ranks)
-        self.ranks = [RankModel.from_params(cfg, params, layout, c, backend=backend, dt_floor=dt_floor,
+        self.ranks = [RankModel.from_params(cfg, params, layout, c, backend=backend, dt_floor=dt_floor, info=info,
                                             tokenizer=tokenizer) for c in self.comms]
 
     def run(self, fn):
