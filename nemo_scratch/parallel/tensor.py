@@ -14,9 +14,10 @@ its sum of squares inside the gated norm (``SpanNorm``), and an EP MoE layer run
 (``ep_moe_parts``). Every collective goes through ``comm`` (comm.py), so the same rank code runs under
 LocalComm (threads, CPU tests), ProcessComm and NcclComm.
 
-``RankModel`` is model.Model with these pieces swapped in, so forward, hidden (chunked prefill), cached
-decode and generate (greedy, sampling, MTP speculative decoding) are the Model's own code. Sampling goes
-through ``RankZeroRng``: rank 0 draws and broadcasts, so every rank takes the same token.
+``RankModel`` is model.Model with these pieces swapped in, so forward, hidden (chunked prefill) and cached
+decode are the Model's own code, and generate (greedy, sampling, MTP speculative decoding) runs
+model/generate.py's loops with one change: the random draws come from ``RankZeroRng`` (rank 0 draws and
+broadcasts), so every rank takes the same token.
 ``LocalShardedModel`` runs all R ranks in one process and answers with rank 0's results.
 """
 
@@ -108,9 +109,8 @@ def rank_block(h, p, shard, cfg, be, comm, state=None, dt_limit=(0.0, float("inf
 
 class RankZeroRng(np.random.Generator):
     """The generator every rank samples with: rank 0 draws from ``default_rng(seed)`` and broadcasts, the other
-    ranks take its draw. model/generate.py calls ``choice`` and ``random`` only; ``default_rng`` passes a
-    Generator through, so Model.generate runs unchanged and rank 0 consumes the very stream a single-device
-    run with the same seed does."""
+    ranks take its draw. model/generate.py calls ``choice`` and ``random`` only, so rank 0 consumes the very
+    stream a single-device run with the same seed does."""
 
     def __init__(self, seed, comm):
         super().__init__(np.random.PCG64(0))          # the base stream is never used
