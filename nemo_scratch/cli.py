@@ -52,6 +52,14 @@ def _load(args):
     NumPy ones (a pipeline of stages planned by bytes: nemo_scratch/parallel/)."""
     from . import load
 
+    if getattr(args, "tp", None) is not None or getattr(args, "ep", None) is not None:   # docs/parallel.md
+        from .parallel.launch import LaunchedModel
+
+        if args.gpus is not None or args.virtual_devices is not None:
+            raise InputError("--tp/--ep (one process per rank) and --gpus/--virtual-devices (a pipeline in one "
+                             "process) exclude each other")
+        return LaunchedModel(_checkpoint(args), tp=args.tp, ep=args.ep, backend=args.backend, dtype=args.dtype,
+                             dt_floor=args.dt_floor)
     if args.gpus is None and args.virtual_devices is None:
         if args.device_mem_gib is not None or args.max_len is not None:
             raise InputError("--device-mem-gib and --max-len plan a placement: pass them with --gpus N or "
@@ -333,6 +341,13 @@ def _overwrite(p, what):
     p.add_argument("--overwrite", action="store_true", help=f"replace an existing {what} (refused otherwise)")
 
 
+def _parallel_args(p):
+    p.add_argument("--tp", type=int, default=None,
+                   help="tensor-parallel ranks: one spawned worker each (NCCL on GPU backends, one GPU per rank)")
+    p.add_argument("--ep", type=int, default=None,
+                   help="expert-parallel ranks for the routed experts (equal to --tp, or alone: the rest replicated)")
+
+
 def build_parser():
     parser = _Parser(prog="nemo-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -342,6 +357,7 @@ def build_parser():
     p.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
     p.add_argument("--out", type=Path, help="write the float32 logits [1, t, v] to this .npy file")
     _overwrite(p, "--out file")
+    _parallel_args(p)
     p.set_defaults(func=cmd_forward)
 
     p = sub.add_parser("generate", help="generate tokens (greedy, sampling, or MTP speculative decoding)")
@@ -359,6 +375,7 @@ def build_parser():
     p.add_argument("--stop-at-eos", action="store_true")
     p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     p.add_argument("--json", action="store_true", help='print {"ids", "text", "tokens_per_s"[, "mtp"]}')
+    _parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("make-random", help="write a random checkpoint in NVIDIA's layout")

@@ -41,6 +41,10 @@ TOLERANCES = {
     ("model_step_vs_forward", F64): (1e-9, 1e-9, "float64 oracle mode"),
     ("model_vs_transformers", F32): (2e-3, 2e-3, "float32 torch vs float32 NumPy through every block: BLAS "
                                                  "summation orders and torch's chunked SSD; logits ~O(1)"),
+    ("sharded_layer", F64): (1e-12, 1e-12, "one block cut over R ranks: the all-reduce adds R partial outputs, "
+                                            "a float64 sum in another order"),
+    ("sharded_model", F64): (1e-10, 1e-10, "a whole model cut over R ranks vs one device: every block's partial "
+                                            "sums reordered, through every layer"),
     ("model_quantized_vs_dequantized", F32): (1e-4, 1e-4, "packed NVFP4/FP8 decode inside the matmul vs "
                                                           "the same weights dequantized up front"),
     # ---- GPU kernels (Numba on the simulator or a GPU, CuPy on a GPU) against the NumPy reference
