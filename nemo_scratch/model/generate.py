@@ -100,7 +100,7 @@ def generate(model, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0
     # the next-token distribution of every step: greedy is temperature 0 (one-hot at the argmax)
     dist = (lambda logits: token_probs(logits, 0.0)) if greedy else (
         lambda logits: token_probs(logits, temperature, top_p))
-    rng = np.random.default_rng(seed)
+    rng = model.random_draws(seed)   # every draw of the run comes from this one generator
     start = time.perf_counter()
     if mtp:
         out, prefill_s, stats = _speculative(model, prompt, max_new_tokens, dist, rng, draft_depth, stop_at_eos,

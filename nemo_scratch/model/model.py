@@ -211,6 +211,10 @@ class Model:
             self._mtp = MTPHead(self)
         return self._mtp
 
+    def random_draws(self, seed):
+        """The generator every random draw of one generate() call comes from (a sharded rank overrides it)."""
+        return np.random.default_rng(seed)
+
     def generate(self, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0, seed=None, mtp=False,
                  draft_depth=1, stop_at_eos=False, on_token=None, prefill_chunk=None):
         """Generate ``max_new_tokens`` after ``ids``; see model/generate.py. Returns a GenerationResult."""

@@ -23,15 +23,12 @@ broadcasts), so every rank takes the same token.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 
-from ..guards import FiniteTrail, check_generate, check_logits
-from ..model import generate as gen
+from ..guards import FiniteTrail, check_logits
 from ..model.blocks import MIXERS, block, mamba_mixer
 from ..model.cache import Cache
-from ..model.model import Model, check_prefill_chunk, embedding_rows
+from ..model.model import Model, embedding_rows
 from ..model.mtp import MTPHead
 from ..model.weights import as_dense
 from ..ops.common import get_xp
@@ -185,25 +182,9 @@ class RankModel(Model):
             self._mtp = RankMTPHead(self)
         return self._mtp
 
-    def generate(self, ids, max_new_tokens, greedy=True, temperature=1.0, top_p=1.0, seed=None, mtp=False,
-                 draft_depth=1, stop_at_eos=False, on_token=None, prefill_chunk=None):
-        """model/generate.py::generate with one change: the random draws are rank 0's, broadcast (RankZeroRng),
-        so every rank decodes the same tokens; every rank returns the GenerationResult."""
-        prompt = self.check_ids(ids)
-        chunk = check_prefill_chunk(prefill_chunk)
-        gen._check_args(self, max_new_tokens, 1.0 if greedy else temperature, top_p, mtp, draft_depth,
-                        prompt.shape[0])
-        check_generate(self, prompt.shape, max_new_tokens, seed, mtp, draft_depth, chunk)
-        dist = (lambda logits: gen.token_probs(logits, 0.0 if greedy else temperature, 1.0 if greedy else top_p))
-        rng, start = RankZeroRng(seed, self.comm), time.perf_counter()
-        if mtp:
-            out, prefill_s, stats = gen._speculative(self, prompt, max_new_tokens, dist, rng, draft_depth,
-                                                     stop_at_eos, on_token, prefill_chunk)
-        else:
-            out, prefill_s, stats = gen._plain(self, prompt, max_new_tokens, dist, rng, stop_at_eos, on_token,
-                                               prefill_chunk)
-        return gen.GenerationResult(np.asarray(out, dtype=np.int64).reshape(prompt.shape[0], -1),
-                                    time.perf_counter() - start, prefill_s, stats)
+    def random_draws(self, seed):
+        """Rank 0 draws and broadcasts (RankZeroRng), so every rank decodes the same tokens."""
+        return RankZeroRng(seed, self.comm)
 
 
 class RankMTPHead(MTPHead):
