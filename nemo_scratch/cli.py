@@ -71,6 +71,7 @@ def _load(args):
 
 def _load_placed(args):
     from .parallel import CupyDevices, VirtualDevices, plan_placement
+    from .parallel.plan import CONTEXT_MARGIN_BYTES
     from .parallel.loader import load_placed
 
     if args.gpus is not None and args.virtual_devices is not None:
@@ -90,7 +91,7 @@ def _load_placed(args):
     placement = plan_placement(_checkpoint(args), gpus=n, gpu_mem_gib=mem, max_len=args.max_len,
                                prefill_chunk=args.prefill_chunk or 8192, weights=weights, dtype=args.dtype,
                                cache_dtype=args.dtype, draft_depth=getattr(args, "draft_depth", None) or 0,
-                               margin_bytes=0 if not gpu else 2 * 2**30)
+                               margin_bytes=0 if not gpu else CONTEXT_MARGIN_BYTES)
     devices = CupyDevices(n, numba=args.backend == "numba") if gpu else VirtualDevices(n, placement.budget_bytes)
     return load_placed(_checkpoint(args), placement, devices, backend=args.backend, dtype=args.dtype,
                        dt_floor=args.dt_floor, quiet=args.quiet)
