@@ -277,7 +277,8 @@ def cmd_golden(args):
 
     if args.check:
         given = [flag for flag, value in (("--op", args.op), ("--out", args.out), ("--shape", args.shape),
-                                          ("--seed", args.seed), ("--overwrite", args.overwrite))
+                                          ("--seed", args.seed), ("--case", args.case),
+                                          ("--overwrite", args.overwrite))
                  if value not in (None, False, "")]
         if given:
             raise InputError(f"golden: --check recomputes an existing file; {', '.join(given)} cannot go with it")
@@ -290,7 +291,7 @@ def cmd_golden(args):
     if not args.op or not args.out:
         raise InputError("golden: pass --op NAME and --out FILE (or --check FILE)")
     path = write_golden(args.op, args.shape, args.out, seed=0 if args.seed is None else args.seed,
-                        overwrite=args.overwrite)
+                        overwrite=args.overwrite, case=args.case or "random")
     print(f"wrote {path}")
 
 
@@ -430,6 +431,10 @@ def build_parser():
     p.add_argument("--out", type=Path)
     p.add_argument("--check", type=Path, help="recompute an existing golden file and compare")
     p.add_argument("--seed", type=int, default=None, help="input seed (default 0)")
+    p.add_argument("--case", default=None,
+                   help="the inputs: random (default) or one of the op's tie and boundary cases, e.g. route: "
+                        "ties, zeros, saturated; ssd_scan_chunked: dt_floor, strong_decay, zeros, huge; "
+                        "nvfp4_*: all_codes, boundary_scales (docs/oracle.md lists them all)")
     _overwrite(p, "--out file")
     p.set_defaults(func=cmd_golden)
 

@@ -54,3 +54,8 @@ class MemoryBudgetError(NemoScratchError, MemoryError):
 
 class NonFiniteError(NemoScratchError, FloatingPointError):
     """A forward pass produced NaN or inf; the message names the first layer and tensor that went non-finite."""
+
+
+class OracleFailure(NemoScratchError, AssertionError):
+    """nemo_scratch.oracle.check found a case where the function under test disagrees with the reference; the
+    message names the case, the output, the first bad index and where it lies, and the cause when known."""

@@ -1,19 +1,26 @@
-"""Golden vectors for kernel authors: an op's random inputs and its reference outputs in float64 and float32.
+"""Golden vectors for kernel authors: an op's inputs and its reference outputs in float64 and float32.
 
     nemo-scratch golden --op ssd_scan_chunked --shape b=1,t=40,h=4,p=8,g=2,n=16,chunk=16 --out ssd.safetensors
+    nemo-scratch golden --op route --case ties --out route_ties.safetensors
 
 The file is plain safetensors. It holds ``in.<arg>`` (float inputs in float64: cast them to float32 for the
 float32 reference; integer and packed inputs as the op takes them), ``out64.<name>`` and ``out32.<name>``,
-and string metadata: op, dims and static (JSON), seed, nemo_scratch_version, tolerance_key and
-kernel_tolerance_key (keys of tests/tolerances.py, or "exact" for bit-exact decodes) and kernel_rtol /
-kernel_atol (the float32 kernel tolerance, copied for readers without the table). docs/oracle.md says how
-to read and compare it; ``check_golden(path)`` recomputes with the reference and compares.
+and string metadata: op, case, dims and static (JSON), seed, nemo_scratch_version, tolerance_key and
+kernel_tolerance_key (keys of tests/tolerances.py, or "exact" for bit-exact decodes), atol_scale and
+kernel_rtol / kernel_atol (the float32 kernel tolerance, its atol times atol_scale, copied for readers
+without the table). ``--case`` picks the inputs: "random" (default) or one of the op's tie and boundary cases
+(golden_cases.py). docs/oracle.md says how to read and compare it; ``check_golden(path)`` recomputes with the
+reference and compares.
+
+The public pieces a kernel author builds on (nemo_scratch.oracle does): ``OPS`` (each op's default dims,
+input maker, reference, output names and tolerance key), ``parse_dims``, ``cast_inputs``, ``compute``,
+``kernel_key`` and ``compare``.
 
 Bounds: every dimension is at most MAX_DIM and the inputs of one file at most MAX_ELEMENTS elements; the
 memory the reference needs is estimated from the dims (``golden_bytes``) and refused before anything is
 drawn when it exceeds what the machine has (nemo_scratch/memory.py). A file read back must hold exactly
 the inputs and outputs of its op, with the shapes its ``dims`` metadata implies (``INPUT_SHAPES``), its
-static arguments and tolerance key must be the ones the op takes: anything else is a CheckpointError
+static arguments, case and tolerance key must be ones the op takes: anything else is a CheckpointError
 naming the file and the tensor or field.
 """
 
@@ -25,12 +32,11 @@ import re
 import numpy as np
 
 from .errors import CheckpointError, InputError, NemoScratchError
+from .golden_cases import RANDOM, case_names, make_case
+from .golden_compare import EXACT, check_layout, compare, kernel_key, rtol_atol, tolerance_table  # noqa: F401
 from .ops import attention, conv, moe, norm, quant, ssd
 from .golden_sizes import INPUT_SHAPES, MAX_DIM, MAX_ELEMENTS, check_size, golden_bytes  # noqa: F401
 from .strict_json import brief, parse_json
-
-EXACT = "exact"   # the tolerance key of bit-exact decodes: compare bit patterns, never "close"
-
 
 # ------------------------------------------------------------------------------------------------ inputs
 # Each maker takes (rng, dims) and returns (array inputs by argument name, static keyword arguments).
@@ -107,7 +113,8 @@ def _nvfp4_dequantize_inputs(rng, d):
     return _nvfp4_weight(rng, d), {}
 
 
-# op -> (default dims, inputs(rng, dims) -> (inputs, static kwargs), reference, output names, tolerance key)
+# op -> (default dims, inputs(rng, dims) -> (inputs, static kwargs), reference, output names, tolerance key).
+# The reference is called as reference(**inputs, **static) and returns the outputs in this order.
 OPS = {
     "rms_norm": (dict(b=1, t=8, d=64), _norm_inputs, norm.rms_norm, ("y",), "rms_norm"),
     "gated_rms_norm": (dict(b=1, t=8, i=64, g=4), _gated_inputs, norm.gated_rms_norm, ("y",), "gated_rms_norm"),
@@ -127,56 +134,6 @@ OPS = {
     "nvfp4_dequantize": (dict(out=32, **{"in": 64}), _nvfp4_dequantize_inputs, quant.nvfp4_dequantize, ("w",),
                          EXACT),
 }
-
-
-# ------------------------------------------------------------------------------------------------ tolerances
-
-def tolerance_table():
-    """The project's one tolerance table (nemo_scratch/tolerances.py, also tests/tolerances.py)."""
-    from .tolerances import TOLERANCES
-
-    return TOLERANCES
-
-
-def kernel_key(key):
-    """The tolerance key a float32 GPU kernel of an op is held to: ``kernel_<key>`` ("exact" stays exact)."""
-    return key if key == EXACT else f"kernel_{key}"
-
-
-def _rtol_atol(key, dtype):
-    """(rtol, atol) of TOLERANCES[(key, dtype)]; (0, 0) for EXACT."""
-    if key == EXACT:
-        return 0.0, 0.0
-    entry = tolerance_table().get((key, np.dtype(dtype).name))
-    if entry is None:
-        raise InputError(f"tolerance key {key!r} has no {np.dtype(dtype).name} entry in nemo_scratch/tolerances.py")
-    return entry[:2]
-
-
-def compare(got, ref, key, dtype):  # [...], [...] -> {"max_abs", "max_rel", "used"}
-    """Max abs and rel error of ``got`` against ``ref``, and the share of the tolerance budget used.
-
-    The check: |got - ref| <= atol + rtol * |ref| elementwise, (rtol, atol) = TOLERANCES[(key, dtype)];
-    ``used`` > 1 fails. Integer outputs and the EXACT key compare bit patterns: used is 0 or inf.
-    Non-finite values must sit where the reference has them.
-    """
-    got, ref = np.asarray(got), np.asarray(ref)
-    if got.shape != ref.shape:
-        return {"max_abs": float("inf"), "max_rel": float("inf"), "used": float("inf")}
-    g, r = got.astype(np.float64), ref.astype(np.float64)
-    fin = np.isfinite(r)
-    err = np.abs(g - r)[fin]
-    rel = err / np.maximum(np.abs(r[fin]), 1e-30)
-    out = {"max_abs": float(err.max(initial=0.0)), "max_rel": float(rel.max(initial=0.0))}
-    if key == EXACT or ref.dtype.kind != "f":
-        same = got.dtype == ref.dtype and got.tobytes() == ref.tobytes()
-        return {**out, "used": 0.0 if same else float("inf")}
-    if not np.array_equal(np.isfinite(g), fin) or not np.array_equal(g[~fin], r[~fin], equal_nan=True):
-        return {**out, "used": float("inf")}
-    rtol, atol = _rtol_atol(key, dtype)
-    # used = max |got - ref| / (atol + rtol * |ref|)
-    budget = atol + rtol * np.abs(r[fin])
-    return {**out, "used": float((err / budget).max(initial=0.0))}
 
 
 # ------------------------------------------------------------------------------------------------ files
@@ -200,18 +157,22 @@ def parse_dims(op, spec):
     return dims
 
 
+def cast_inputs(inputs, dtype):
+    """The inputs a ``dtype`` run takes: float arrays cast to ``dtype``, integer and packed ones as they are
+    (an NVFP4 global_scale is part of the packed weight: float32 in every mode)."""
+    return {k: (v.astype(dtype) if v.dtype.kind == "f" and k != "global_scale" else v) for k, v in inputs.items()}
+
+
 def compute(op, inputs, static, dtype):
-    """Run the reference on the float inputs cast to ``dtype`` (integer and packed inputs as they are)."""
-    fn = OPS[op][2]
-    # global_scale is part of the packed NVFP4 weight: float32 in every mode
-    args = {k: (v.astype(dtype) if v.dtype.kind == "f" and k != "global_scale" else v) for k, v in inputs.items()}
-    out = fn(**args, **static)
+    """Run the reference on ``cast_inputs(inputs, dtype)`` -> a tuple of outputs (OPS[op][3] names them)."""
+    out = OPS[op][2](**cast_inputs(inputs, dtype), **static)
     return out if isinstance(out, tuple) else (out,)
 
 
-def write_golden(op, shape_spec, out, seed=0, overwrite=False):
+def write_golden(op, shape_spec, out, seed=0, overwrite=False, case=RANDOM):
     """Write the golden file of ``op`` at the dims ``shape_spec`` ('t=40,chunk=16') to ``out``; return out.
 
+    ``case`` names the inputs: "random", or one of the op's tie and boundary cases (golden_cases.CASES).
     An existing ``out`` is refused unless ``overwrite=True``; the file appears only once complete."""
     from . import __version__
     from .checkpoint.safe_write import check_destination
@@ -222,10 +183,13 @@ def write_golden(op, shape_spec, out, seed=0, overwrite=False):
         raise InputError(f"--seed must be a non-negative integer below 2**64, got {seed!r}")
     check_destination(out, overwrite, what="golden: --out", kind="file")
     check_size(op, dims)
+    if case not in case_names(op):
+        raise InputError(f"--case {case!r}: {op} has the cases {list(case_names(op))}")
     rng = np.random.default_rng(seed)
     key = OPS[op][4]
     try:
         inputs, static = OPS[op][1](rng, dims)
+        inputs, static, atol_scale = make_case(op, case, rng, dims, inputs, static)
         outputs = {tag: compute(op, inputs, static, dtype) for tag, dtype in (("out64", np.float64),
                                                                               ("out32", np.float32))}
     except (NemoScratchError, ValueError) as exc:  # the ops' own ShapeError / InputError name the misfit
@@ -233,10 +197,11 @@ def write_golden(op, shape_spec, out, seed=0, overwrite=False):
     tensors = {f"in.{k}": v for k, v in inputs.items()}
     for tag, values in outputs.items():
         tensors.update({f"{tag}.{name}": value for name, value in zip(OPS[op][3], values)})
-    kernel_rtol, kernel_atol = _rtol_atol(kernel_key(key), np.float32)
-    meta = {"op": op, "dims": json.dumps(dims), "static": json.dumps(static), "seed": str(seed),
-            "tolerance_key": key, "kernel_tolerance_key": kernel_key(key), "kernel_rtol": repr(float(kernel_rtol)),
-            "kernel_atol": repr(float(kernel_atol)), "nemo_scratch_version": __version__}
+    kernel_rtol, kernel_atol = rtol_atol(kernel_key(key), np.float32)
+    meta = {"op": op, "case": case, "dims": json.dumps(dims), "static": json.dumps(static), "seed": str(seed),
+            "tolerance_key": key, "kernel_tolerance_key": kernel_key(key), "atol_scale": repr(atol_scale),
+            "kernel_rtol": repr(float(kernel_rtol)), "kernel_atol": repr(float(kernel_atol) * atol_scale),
+            "nemo_scratch_version": __version__}
     check_destination(out, overwrite, what="golden: --out", kind="file")
     write_safetensors(out, {name: (np.asarray(v), _st_dtype(v)) for name, v in tensors.items()}, metadata=meta)
     return out
@@ -295,9 +260,25 @@ def read_golden(path):
     if key != EXACT and (key, "float32") not in tolerance_table():
         raise CheckpointError(f"{path}: metadata 'tolerance_key' {brief(key)} is not a key of "
                               "nemo_scratch/tolerances.py (nor 'exact')")
+    if meta.get("case", RANDOM) not in case_names(op):
+        raise CheckpointError(f"{path}: metadata 'case' {brief(meta['case'])} is not a case of {op} "
+                              f"({list(case_names(op))})")
+    atol_scale(path, meta)
     if dims is not None:
         check_size(op, dims, where=f"{path}: dims")
     return op, inputs, static, outs, meta
+
+
+def atol_scale(path, meta):
+    """The file's atol_scale (1.0 in files written before cases had one): a finite positive number."""
+    text = meta.get("atol_scale", "1.0")
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not (np.isfinite(value) and value > 0) or len(text) > 40:
+        raise CheckpointError(f"{path}: metadata 'atol_scale' is {brief(text)}, expected a positive number")
+    return value
 
 
 def _meta_json(path, meta, key) -> dict:
@@ -312,12 +293,13 @@ def check_golden(path):
 
     out64: the float64 reference now vs the file, with (tolerance_key, float64);
     out32: the float32 reference now vs the file, with (tolerance_key, float32);
-    out32_vs_out64: the file's float32 outputs vs its float64 ones, with (tolerance_key, float32).
-    errors = compare(...) = {"max_abs", "max_rel", "used"}. Raises CheckpointError naming the tensor when any
-    comparison uses more than its whole tolerance budget.
+    out32_vs_out64: the file's float32 outputs vs its float64 ones, with (tolerance_key, float32);
+    each with the file's atol_scale. errors = compare(...) = {"max_abs", "max_rel", "used", "first_bad",
+    "n_bad", "reason"}. Raises CheckpointError naming the tensor, the reason and the first bad index when
+    any comparison fails.
     """
     op, inputs, static, outs, meta = read_golden(path)
-    key = meta["tolerance_key"]
+    key, scale = meta["tolerance_key"], atol_scale(path, meta)
     try:
         now = {tag: dict(zip(OPS[op][3], compute(op, inputs, static, dtype)))
                for tag, dtype in (("out64", np.float64), ("out32", np.float32))}
@@ -325,15 +307,17 @@ def check_golden(path):
         raise CheckpointError(f"{path}: the inputs of this golden file do not fit {op}: {exc}") from None
     report = {"out64": {}, "out32": {}, "out32_vs_out64": {}}
     for name in OPS[op][3]:
-        report["out64"][name] = compare(now["out64"][name], outs["out64"][name], key, np.float64)
-        report["out32"][name] = compare(now["out32"][name], outs["out32"][name], key, np.float32)
-        report["out32_vs_out64"][name] = compare(outs["out32"][name], outs["out64"][name], key, np.float32)
+        report["out64"][name] = compare(now["out64"][name], outs["out64"][name], key, np.float64, scale)
+        report["out32"][name] = compare(now["out32"][name], outs["out32"][name], key, np.float32, scale)
+        report["out32_vs_out64"][name] = compare(outs["out32"][name], outs["out64"][name], key, np.float32, scale)
     for check, by_name in report.items():
         for name, e in by_name.items():
             if e["used"] > 1:
-                raise CheckpointError(f"{path}: {check} {name!r} of {op} is out of tolerance ({key!r}): max abs "
-                                      f"err {e['max_abs']:.3e}, max rel err {e['max_rel']:.3e}, "
-                                      f"{100 * e['used']:.1f}% of the budget atol + rtol*|ref|")
+                where = "" if e["first_bad"] is None else f", first at index {list(e['first_bad'])}"
+                raise CheckpointError(f"{path}: {check} {name!r} of {op} is out of tolerance ({key!r}): "
+                                      f"{e['reason']}{where}; max abs err {e['max_abs']:.3e}, max rel err "
+                                      f"{e['max_rel']:.3e}, {100 * e['used']:.1f}% of the budget "
+                                      "atol + rtol*|ref|")
     return report
 
 

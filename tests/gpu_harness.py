@@ -197,11 +197,8 @@ def numba_backend():
 # ---------------------------------------------------------------------------------------------------------
 # Shapes
 
-def crossing(lo, hi, *boundaries):
-    """Integers in [lo, hi], half of the draws pinned next to a boundary: k*B - 1, k*B, k*B + 1 for k = 1, 2."""
-    near = sorted({k * bnd + d for bnd in boundaries for k in (1, 2) for d in (-1, 0, 1)
-                   if lo <= k * bnd + d <= hi})
-    return st.one_of(st.sampled_from(near), st.integers(lo, hi)) if near else st.integers(lo, hi)
+# crossing(lo, hi, *boundaries): integers in [lo, hi], half of the draws next to k*B - 1, k*B, k*B + 1 (k = 1, 2)
+from nemo_scratch.oracle.strategies import crossing  # noqa: E402  (numba-free: the simulator choice stands)
 
 
 # name -> (lo, hi, boundaries) for the modes (sim, emu, gpu). The boundaries are the kernels' own launch

@@ -3,9 +3,10 @@
 - docs/oracle.md: the op signature listing equals the reference functions' signatures and covers every
   backend op; every row of the numba and cupy ``KERNELS`` tables names an entry point with the reference's
   parameters (minus ``rows_per_tile``, as the doc allows); the tolerance table equals
-  ``TOLERANCES``; the golden-op table equals ``golden.OPS``; the ``bash`` block has one ``nemo-scratch golden``
-  command per op and each runs; every ``python`` block runs (in a temporary folder holding those files); the
-  ``cpp`` block compiles, passes on a golden file and fails on a tampered one.
+  ``TOLERANCES``; the golden-op table equals ``golden.OPS`` and the case table ``golden_cases.CASES``; the
+  ``bash`` block has one ``nemo-scratch golden`` command per op (and a few ``--case`` ones) and each runs;
+  every ``python`` block runs (in a temporary folder holding those files); the ``cpp`` block compiles, passes
+  on a golden file and fails on a tampered one.
 - Both docs: every ``path.py::name`` pointer names a file and a top-level (or ``Class.method``) definition in
   it, and every path-like token names a file that exists. In docs/architecture.md's ``| equation | function |``
   tables every bare function name resolves in the module its section (or its row) names.
@@ -29,6 +30,7 @@ from nemo_scratch.backends import cupy as cupy_backend
 from nemo_scratch.backends import numba_cuda as numba_backend
 from nemo_scratch.backends.numpy_backend import NumpyBackend
 from nemo_scratch.checkpoint.safetensors_io import SafetensorsFile, write_safetensors
+from nemo_scratch.golden_cases import CASES
 from nemo_scratch.ops import attention, conv, linear, moe, norm, quant, ssd, ssd_fast
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -134,6 +136,12 @@ def test_golden_op_table_equals_OPS():
     assert doc == want
 
 
+def test_golden_case_table_equals_CASES():
+    rows = table(ORACLE, "| op | case | what it holds |")
+    assert [(op, case, what) for op, case, what in rows] == \
+        [(op, case, what) for op, cases in CASES.items() for case, (what, _) in cases.items()]
+
+
 # ---------------------------------------------------------------------------------------------- runnable code
 
 def golden_commands():
@@ -155,8 +163,10 @@ def workdir(tmp_path_factory):
 
 
 def test_golden_commands_cover_every_op(workdir):
-    ops = [argv[argv.index("--op") + 1] for argv in golden_commands()]
+    ops = [argv[argv.index("--op") + 1] for argv in golden_commands() if "--case" not in argv]
     assert sorted(ops) == sorted(golden.OPS)
+    for argv in (argv for argv in golden_commands() if "--case" in argv):   # the tie and boundary examples
+        assert argv[argv.index("--case") + 1] in golden.case_names(argv[argv.index("--op") + 1]), argv
     for argv in golden_commands():
         assert golden.read_golden(workdir / argv[argv.index("--out") + 1])[0] == argv[argv.index("--op") + 1]
 

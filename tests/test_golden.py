@@ -178,11 +178,15 @@ def test_read_golden_rejects_files_that_are_not_golden(tmp_path):
 
 def test_compare_formula_and_exact_keys():
     ref = np.array([1.0, -2.0, 0.0])
-    rtol, atol, _ = TOLERANCES[("ssd", "float32")]
+    rtol, atol, _ = TOLERANCES[("ssd", "float64")]
     edge = ref + (atol + rtol * np.abs(ref))                        # exactly on the budget
-    assert golden.compare(edge, ref, "ssd", np.float32)["used"] == pytest.approx(1.0)
-    assert golden.compare(ref + 2 * (atol + rtol * np.abs(ref)), ref, "ssd", np.float32)["used"] > 1
-    assert golden.compare(np.array([np.nan, 1.0]), np.array([1.0, 1.0]), "ssd", np.float32)["used"] == np.inf
+    assert golden.compare(edge, ref, "ssd", np.float64)["used"] == pytest.approx(1.0)
+    over = golden.compare(ref + 2 * (atol + rtol * np.abs(ref)), ref, "ssd", np.float64)
+    assert over["used"] > 1 and over["first_bad"] == (0,) and over["n_bad"] == 3
+    assert over["reason"] == "3 of 3 elements out of tolerance"
+    assert golden.compare(edge, ref, "ssd", np.float64, atol_scale=4.0)["used"] < 1     # atol * atol_scale
+    nan = golden.compare(np.array([1.0, np.nan]), np.array([1.0, 1.0]), "ssd", np.float64)
+    assert nan["used"] == np.inf and nan["first_bad"] == (1,) and "non-finite" in nan["reason"]
     neg_zero, zero = np.array([-0.0], np.float32), np.array([0.0], np.float32)
     assert golden.compare(neg_zero, zero, golden.EXACT, np.float32)["used"] == np.inf   # bits, not values
     assert golden.compare(zero, zero, golden.EXACT, np.float32)["used"] == 0.0
@@ -190,6 +194,74 @@ def test_compare_formula_and_exact_keys():
         golden.parse_dims("nope", "")
     with pytest.raises(InputError, match="tolerance key 'nope' has no float32 entry"):
         golden.compare(ref, ref, "nope", np.float32)
+
+
+def test_compare_checks_shape_and_dtype_first_with_a_reason():
+    ref = np.arange(6, dtype=np.float32).reshape(2, 3)
+    transposed = golden.compare(ref.T.copy(), ref, "ssd", np.float32)
+    assert transposed["used"] == np.inf and transposed["reason"] == \
+        "shape [3, 2], expected [2, 3] (the same sizes in another order: a transposed result?)"
+    assert golden.compare(ref[:1], ref, "ssd", np.float32)["reason"] == "shape [1, 3], expected [2, 3]"
+    wide = golden.compare(ref.astype(np.float64), ref, "ssd", np.float32)      # the values are right
+    assert wide["used"] == np.inf and wide["reason"] == "dtype float64, expected float32"
+    # a float32 result held to the float64 reference (out32 vs out64) is the normal case
+    assert golden.compare(ref, ref.astype(np.float64), "ssd", np.float32)["reason"] is None
+    assert "less precise" in golden.compare(ref.astype(np.float64), ref, "ssd", np.float64)["reason"]
+    idx = np.array([[0, 1]], np.int64)
+    assert golden.compare(idx.astype(np.int32), idx, "router", np.float32)["reason"] == "dtype int32, expected int64"
+    assert golden.compare(idx[:, ::-1], idx, "router", np.float32)["first_bad"] == (0, 0)
+
+
+def test_exact_compare_takes_any_nan_where_the_reference_has_one():
+    ref = np.array([np.nan, 1.5, -0.0], np.float32)
+    canonical = np.array([0x7FFFFFFF, 0x3FC00000, 0x80000000], np.uint32).view(np.float32)   # a GPU's NaN
+    assert golden.compare(canonical, ref, golden.EXACT, np.float32)["used"] == 0.0
+    moved = golden.compare(np.array([1.5, np.nan, -0.0], np.float32), ref, golden.EXACT, np.float32)
+    assert moved["used"] == np.inf and moved["first_bad"] == (0,) and moved["n_bad"] == 2
+
+
+# op -> case -> what the written inputs must show
+CASE_SHAPES = {"route": "t=6,d=24,e=12,k=3,n_group=4,topk_group=2", "ssd_scan_chunked": "t=37,chunk=16",
+               "nvfp4_dequantize": "out=5,in=48", "nvfp4_matmul": "m=3,out=5,in=48"}
+
+
+@pytest.mark.parametrize("op, case", [(op, case) for op in sorted(golden.OPS)
+                                      for case in golden.case_names(op)[1:]])
+def test_every_case_writes_a_file_that_checks(op, case, tmp_path):
+    out = golden.write_golden(op, CASE_SHAPES.get(op, ""), tmp_path / "case.safetensors", seed=3, case=case)
+    name, inputs, static, outs, meta = golden.read_golden(out)
+    assert name == op and meta["case"] == case and float(meta["atol_scale"]) >= 1
+    key = golden.OPS[op][4]
+    if key != golden.EXACT:
+        atol = TOLERANCES[(golden.kernel_key(key), "float32")][1]
+        assert float(meta["kernel_atol"]) == pytest.approx(atol * float(meta["atol_scale"]))
+    report = golden.check_golden(out)
+    assert all(e["used"] <= 1 for check in report.values() for e in check.values())
+
+
+def test_tie_and_boundary_cases_hold_what_they_claim(tmp_path):
+    def inputs(op, case, shape=""):
+        out = golden.write_golden(op, CASE_SHAPES.get(op, shape), tmp_path / f"{op}_{case}.safetensors", seed=1,
+                                  case=case)
+        return golden.read_golden(out)
+
+    _, route, static, outs, _ = inputs("route", "ties")
+    scores = 1 / (1 + np.exp(-(route["x"] @ route["gate_weight"].T))) + route["correction_bias"]
+    chosen = np.take_along_axis(scores, outs["out64"]["idx"], axis=1)
+    # some token's selection holds two experts with exactly equal scores: ties, to the lower index
+    tied = [(t, j) for t in range(scores.shape[0]) for j in range(1, chosen.shape[1])
+            if chosen[t, j] == chosen[t, j - 1]]
+    assert tied and all(outs["out64"]["idx"][t, j] > outs["out64"]["idx"][t, j - 1] for t, j in tied)
+    _, ssd_in, _, _, _ = inputs("ssd_scan_chunked", "dt_floor")
+    assert np.mean(np.isin(ssd_in["dt"], (0.0, 1e-3))) > 0.5 and (ssd_in["dt"] == 0).any()
+    _, nv, _, outs, _ = inputs("nvfp4_dequantize", "boundary_scales")
+    codes = np.stack([nv["packed"] & 15, nv["packed"] >> 4], -1).reshape(5, 3, 16)
+    assert (np.sort(codes, axis=-1) == np.arange(16)).all()            # every code in every block
+    assert np.isnan(outs["out32"]["w"]).any() == bool(np.isin(nv["block_scale"], (0x7F, 0xFF)).any())
+    with pytest.raises(InputError, match=r"--case 'ties': rms_norm has the cases \['random', 'zeros'"):
+        golden.write_golden("rms_norm", "", tmp_path / "x.safetensors", case="ties")
+    with pytest.raises(InputError, match="needs e >= 2 experts"):
+        golden.write_golden("route", "e=1,k=1", tmp_path / "x.safetensors", case="ties")
 
 
 def test_cli_check_reproduces_a_golden_file(tmp_path):
@@ -204,3 +276,8 @@ def test_cli_check_reproduces_a_golden_file(tmp_path):
     assert proc.returncode == 0 and "reproduces" in proc.stdout, proc.stderr
     missing = run("--op", "gated_rms_norm")
     assert missing.returncode == 2 and missing.stderr.startswith("error: golden: pass --op")
+    ties = tmp_path / "ties.safetensors"
+    assert run("--op", "route", "--case", "ties", "--out", ties).returncode == 0
+    assert golden.read_golden(ties)[4]["case"] == "ties" and "reproduces" in run("--check", ties).stdout
+    bad = run("--op", "route", "--case", "nope", "--out", tmp_path / "nope.safetensors")
+    assert bad.returncode == 2 and "--case 'nope': route has the cases ['random', 'ties'" in bad.stderr
