@@ -124,13 +124,16 @@ def unpack_nibbles(packed):  # uint8 [..., m] -> uint8 [..., 2m]
 
 # ------------------------------------------------------------------------------------------------ NVFP4
 
-def _per_tensor(name, w):
-    """amax over the last two axes (one tensor, or one per stacked expert); rejects NaN/inf weights."""
+def _per_tensor(name, w, amax=None):
+    """amax over the last two axes (one tensor, or one per stacked expert), or the given one (of the tensor ``w``
+    is a slice of); rejects NaN/inf weights."""
     xp = get_xp(w)
     if w.ndim < 2:
         raise ShapeError(f"{name}: w has shape {list(w.shape)}, expected [..., out, in]")
     if not bool(xp.isfinite(w).all()):
         raise InputError(f"{name}: w contains NaN or inf; only finite weights can be quantized")
+    if amax is not None:
+        return xp.asarray(amax, dtype=np.float32)
     return xp.asarray(xp.abs(w).max(axis=(-2, -1)), dtype=np.float32)              # [...]
 
 
@@ -139,7 +142,7 @@ def _nonzero(scale):
     return get_xp(scale).where(scale == 0, scale.dtype.type(1), scale)
 
 
-def nvfp4_quantize(w):  # float32|float64 [..., out, in] (in % 16 == 0) -> NVFP4Weight
+def nvfp4_quantize(w, amax=None):  # float32|float64 [..., out, in] (in % 16 == 0) -> NVFP4Weight
     """Quantize like ModelOpt's NVFP4QTensor (dynamic weight scales; spec 9.3).
 
     global_scale = amax(|W|) / (6 * 448)                                   (per tensor, per expert if stacked)
@@ -148,10 +151,13 @@ def nvfp4_quantize(w):  # float32|float64 [..., out, in] (in % 16 == 0) -> NVFP4
     An all-zero tensor gets global_scale 0 (it dequantizes to 0), block scales 1.0 and codes 0.
     Deviation: ModelOpt takes the sign from ``w < 0``; we use the IEEE sign bit, so an exact -0.0 weight gets
     code 8 (-0) instead of 0. Both decode to zero.
+    ``amax`` (float32 [...]): the amax of a whole tensor of which ``w`` is a slice of rows; every step after
+    the global scale is row by row, so quantizing the slices with it gives the whole tensor's codes and scales
+    (checkpoint/stream.py quantizes large tensors this way, a slice at a time).
     """
     check_float("nvfp4_quantize", w)
     xp = get_xp(w)
-    amax = _per_tensor("nvfp4_quantize", w)                                          # [...]
+    amax = _per_tensor("nvfp4_quantize", w, amax)                                    # [...]
     *lead, out, inn = w.shape
     if inn % NVFP4_BLOCK:
         raise ShapeError(f"nvfp4_quantize: w has in={inn} columns, expected a multiple of {NVFP4_BLOCK}")
@@ -251,11 +257,12 @@ def nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile=128):  # [.
 
 # ------------------------------------------------------------------------------------------------ FP8
 
-def fp8_quantize(w):  # float32|float64 [..., out, in] -> FP8Weight
-    """Per-tensor FP8 (ModelOpt): scale = amax / 448, data = e4m3(W / scale). All-zero tensor: scale 0."""
+def fp8_quantize(w, amax=None):  # float32|float64 [..., out, in] -> FP8Weight
+    """Per-tensor FP8 (ModelOpt): scale = amax / 448, data = e4m3(W / scale). All-zero tensor: scale 0.
+    ``amax``: that of a whole tensor of which ``w`` is a slice of rows (see nvfp4_quantize)."""
     check_float("fp8_quantize", w)
     # weight_scale = amax / 448 (float32)
-    scale = _per_tensor("fp8_quantize", w) / np.float32(E4M3_MAX)                   # [...]
+    scale = _per_tensor("fp8_quantize", w, amax) / np.float32(E4M3_MAX)             # [...]
     data = e4m3_encode(w / _nonzero(scale)[..., None, None].astype(w.dtype))        # [..., out, in] u8
     return FP8Weight(data, scale)
 
