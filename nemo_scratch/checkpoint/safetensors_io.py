@@ -60,13 +60,21 @@ def float32_to_bf16(x):  # float32 [...] -> uint16 [...]
     half goes down, above half goes up (a carry into the exponent rounds to the next binade, or to inf past
     the largest bfloat16), and exactly half goes to the neighbour whose last kept bit is 0. NaN stays NaN:
     its sign and top payload bits are kept and the quiet bit is set, so truncation cannot turn it into inf.
+    Computed in place in uint32 (about 7 bytes of temporaries per value: the streaming writers encode large
+    tensors this way, a slice at a time).
     """
-    u = np.asarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)   # uint64: the sum cannot overflow
-    lsb = (u >> np.uint64(16)) & np.uint64(1)
-    rounded = (u + np.uint64(0x7FFF) + lsb) >> np.uint64(16)
-    is_nan = (u & np.uint64(0x7FFFFFFF)) > np.uint64(0x7F800000)
-    quiet_nan = (u >> np.uint64(16)) | np.uint64(0x0040)
-    return np.where(is_nan, quiet_nan, rounded).astype(np.uint16)
+    x = np.asarray(x, dtype=np.float32)
+    u = x.reshape(-1).view(np.uint32)
+    # in place on one uint32 array: u + 0x7FFF + lsb wraps past 2^32 only for negative NaNs, replaced below
+    out = u >> np.uint32(16)
+    out &= np.uint32(1)
+    out += np.uint32(0x7FFF)
+    out += u
+    out >>= np.uint32(16)
+    is_nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+    if is_nan.any():
+        out[is_nan] = (u[is_nan] >> np.uint32(16)) | np.uint32(0x0040)
+    return out.astype(np.uint16).reshape(x.shape)
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -128,21 +136,30 @@ class SafetensorsFile:
         data = self._buffer[self._data_start + begin:self._data_start + end].view(STORAGE[dtype]).reshape(shape)
         return data.astype(STORAGE[dtype].newbyteorder("="), copy=False)
 
-    def read(self, name):  # -> the stored dtype, host byte order, a fresh array
+    def read(self, name, r0=None, r1=None, index=None):  # -> the stored dtype, host byte order, a fresh array
         """The tensor's stored values read into a new array with a plain file read, not through the memory map:
-        the page cache it passes through is not mapped into this process, so the copy is all it holds."""
-        dtype, shape, (begin, end) = self._entry(name)
-        out = np.empty(end - begin, dtype=np.uint8)
+        the page cache it passes through is not mapped into this process, so the copy is all it holds.
+        ``r0, r1``: only rows r0:r1 (of entry ``index`` along the first axis, for a stacked tensor), the one
+        positioned read a streaming converter makes per slice."""
+        dtype, shape, (begin, _) = self._entry(name)
+        item = STORAGE[dtype].itemsize
+        if index is not None:
+            begin += index * math.prod(shape[1:]) * item
+            shape = shape[1:]
+        if r0 is not None:
+            begin += r0 * math.prod(shape[1:]) * item
+            shape = (r1 - r0, *shape[1:])
+        out = np.empty(shape, dtype=STORAGE[dtype])
         try:
             with open(self.path, "rb") as f:
                 f.seek(self._data_start + begin)
-                got = f.readinto(out)
+                got = f.readinto(out.reshape(-1).view(np.uint8))
         except OSError as exc:
             raise read_error(self.path, exc, "a .safetensors file") from None
-        if got != end - begin:
-            raise CheckpointError(f"{self.path}: tensor {name!r}: read {got} of its {end - begin} bytes: the file "
+        if got != out.nbytes:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: read {got} of its {out.nbytes} bytes: the file "
                                   "changed or was truncated while it was read")
-        return out.view(STORAGE[dtype]).reshape(shape).astype(STORAGE[dtype].newbyteorder("="), copy=False)
+        return out.astype(STORAGE[dtype].newbyteorder("="), copy=False)
 
     def get(self, name, copy=False):
         """The tensor as a NumPy array: BF16 and F16 -> float32 (exact), F32, F64, F8_E4M3 -> uint8 codes,
@@ -237,29 +254,79 @@ def write_safetensors(path, tensors, metadata=None):
     their destinations (safe_write.check_destination) before they call it.
     """
     path = Path(path)
-    items = [_check_item(path, name, value) for name, value in tensors.items()]
+    items = [check_item(path, name, value) for name, value in tensors.items()]
+    layout = [(name, dtype, array.shape) for name, array, dtype in items]
+    return write_safetensors_stream(path, layout, ((name, encode(array, dtype)) for name, array, dtype in items),
+                                    metadata)
+
+
+def write_safetensors_stream(path, layout, pieces, metadata=None, on_bytes=None):
+    """Write a safetensors file whose data arrives a piece at a time; return its path.
+
+    ``layout``  [(name, dtype_str, shape)] in file order: the header is written from it first (every size
+                follows from a shape and a dtype), so nothing but the current piece is ever held;
+    ``pieces``  (name, array) in layout order, each array already in the stored dtype (``encode``), a tensor's
+                bytes in row-major order split into as many pieces as the producer likes;
+    ``on_bytes`` called with the byte count of each piece once it is written (a progress bar).
+    A piece out of order, of another dtype, or a tensor whose pieces do not add up to its shape raises
+    CheckpointError naming the tensor, and nothing is left at ``path`` (the write is atomic, as above).
+    """
+    path = Path(path)
+    text, sizes = _header(path, layout, metadata)
+    with atomic_file(path, overwrite=True, what=str(path), error=CheckpointError) as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        k, written = 0, 0          # the tensor being written, and its bytes so far
+        for name, piece in pieces:
+            while k < len(layout) and name != layout[k][0] and written == sizes[k]:
+                k, written = k + 1, 0
+            if k == len(layout) or name != layout[k][0]:
+                expected = "no more tensors" if k == len(layout) else f"tensor {layout[k][0]!r}"
+                raise CheckpointError(f"{path}: got data for tensor {name!r} where the header has {expected}")
+            dtype = STORAGE[layout[k][1]]
+            piece = np.asarray(piece)
+            if piece.dtype != dtype:
+                raise CheckpointError(f"{path}: tensor {name!r}: a piece of dtype {piece.dtype}, expected the stored "
+                                      f"{layout[k][1]} ({dtype})")
+            written += piece.nbytes
+            if written > sizes[k]:
+                raise CheckpointError(f"{path}: tensor {name!r}: {written} bytes of data, more than the {sizes[k]} "
+                                      f"its shape {list(layout[k][2])} holds")
+            f.write(np.ascontiguousarray(piece).reshape(-1).view(np.uint8))
+            if on_bytes is not None:
+                on_bytes(piece.nbytes)
+        while k < len(layout) and written == sizes[k]:
+            k, written = k + 1, 0
+        if k < len(layout):
+            raise CheckpointError(f"{path}: tensor {layout[k][0]!r}: {written} bytes of data, expected {sizes[k]}")
+    return path
+
+
+def _header(path, layout, metadata):
+    """-> (the JSON header padded to a multiple of 8 bytes, [data bytes of each tensor])."""
     header = {}
     if metadata is not None:
         if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
                                                      for k, v in metadata.items()):
             raise CheckpointError(f"{path}: metadata must map strings to strings, got {metadata!r}")
         header["__metadata__"] = dict(metadata)
-    offset = 0
-    for name, array, dtype in items:
-        nbytes = array.size * STORAGE[dtype].itemsize
-        header[name] = {"dtype": dtype, "shape": list(array.shape), "data_offsets": [offset, offset + nbytes]}
+    offset, sizes = 0, []
+    for name, dtype, shape in layout:
+        if not isinstance(name, str) or not name or name == "__metadata__" or name in header:
+            raise CheckpointError(f"{path}: tensor name {name!r} is not allowed: expected a non-empty string, "
+                                  "once per file")
+        if dtype not in STORAGE:
+            raise CheckpointError(f"{path}: tensor {name!r}: unknown safetensors dtype {dtype!r}: expected one of "
+                                  f"{sorted(STORAGE)}")
+        nbytes = math.prod(shape) * STORAGE[dtype].itemsize
+        header[name] = {"dtype": dtype, "shape": [int(s) for s in shape], "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
+        sizes.append(nbytes)
     text = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    text += b" " * (-len(text) % 8)   # pad so the data section starts 8-byte aligned
-    with atomic_file(path, overwrite=True, what=str(path), error=CheckpointError) as f:
-        f.write(struct.pack("<Q", len(text)))
-        f.write(text)
-        for _, array, dtype in items:
-            f.write(_encode(array, dtype).tobytes())
-    return path
+    return text + b" " * (-len(text) % 8), sizes   # pad so the data section starts 8-byte aligned
 
 
-def _check_item(path, name, value):
+def check_item(path, name, value):
     """Validate one (array, dtype_str) entry; return (name, array, dtype_str)."""
     where = f"{path}: tensor {name!r}"
     if not isinstance(name, str) or not name or name == "__metadata__":
@@ -285,7 +352,8 @@ def _check_item(path, name, value):
     return name, array, dtype
 
 
-def _encode(array, dtype):  # [...] -> the stored dtype [...], C-contiguous, little-endian
+def encode(array, dtype):  # [...] -> the stored dtype [...], C-contiguous, little-endian
+    """An array as the safetensors ``dtype`` stores it (BF16: float32_to_bf16 bit patterns)."""
     if dtype == "BF16":
         return float32_to_bf16(array.astype(np.float32)).astype(STORAGE["BF16"])
     return np.ascontiguousarray(array.astype(STORAGE[dtype]))
