@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, NemoScratchError
+from .presets import PRESETS
 
 MAX_DRAFT_DEPTH = 64
 
@@ -206,20 +207,48 @@ def cmd_generate(args):
 def cmd_make_random(args):
     from .checkpoint import make_random_checkpoint
     from .config import preset
+    from .config_parse import pattern_blocks
     from .guards import check_seed
+    from .memory import gib
 
     check_seed(args.seed, "--seed")
     cfg = preset(args.preset)
+    if args.pattern is not None and args.num_layers is not None:
+        raise InputError("--pattern and --num-layers exclude each other: a layer pattern, or the preset's first N "
+                         "layers")
+    if args.pattern is not None:
+        pattern_blocks(args.pattern, "--pattern", "make-random")
+        cfg = preset(args.preset, hybrid_override_pattern=args.pattern)
+    if args.num_layers is not None:
+        if not 1 <= args.num_layers <= cfg.num_hidden_layers:
+            raise InputError(f"--num-layers {args.num_layers}: expected an integer in [1, {cfg.num_hidden_layers}] "
+                             f"(the '{args.preset}' preset has {cfg.num_hidden_layers} layers)")
+        cfg = preset(args.preset, hybrid_override_pattern=cfg.hybrid_override_pattern[:args.num_layers])
     if args.no_mtp:
         cfg = cfg.replace(num_nextn_predict_layers=0)
-    make_random_checkpoint(args.out, cfg, seed=args.seed, shards=args.shards, overwrite=args.overwrite)
-    print(f"wrote a random '{args.preset}' checkpoint to {args.out} ({args.shards} shard(s))")
+    out = make_random_checkpoint(args.out, cfg, seed=args.seed, overwrite=args.overwrite, recipe=args.recipe,
+                                 quiet=args.quiet, **_shard_options(args))
+    files = sorted(out.glob("*.safetensors"))
+    print(f"wrote a random '{args.preset}' checkpoint to {args.out}: pattern {cfg.hybrid_override_pattern}, MTP "
+          f"{'yes' if cfg.num_nextn_predict_layers else 'no'}, recipe {args.recipe}, {len(files)} shard(s), "
+          f"{gib(sum(f.stat().st_size for f in files))}")
+
+
+def _shard_options(args) -> dict:
+    """--shards N or --shard-gib X (the default: shards of at most 2 GiB) -> shards= / shard_bytes=."""
+    if args.shards is not None and args.shard_gib is not None:
+        raise InputError("--shards and --shard-gib exclude each other: a number of shards, or a size per shard")
+    if args.shard_gib is not None and not (math.isfinite(args.shard_gib) and args.shard_gib > 0):
+        raise InputError(f"--shard-gib {args.shard_gib}: expected a finite number of GiB > 0")
+    return {"shards": args.shards,
+            "shard_bytes": None if args.shard_gib is None else max(1, round(args.shard_gib * 2**30))}
 
 
 def cmd_quantize(args):
     from .checkpoint.convert import quantize_checkpoint
 
-    summary = quantize_checkpoint(args.src, args.dst, args.recipe, overwrite=args.overwrite)
+    summary = quantize_checkpoint(args.src, args.dst, args.recipe, overwrite=args.overwrite, quiet=args.quiet,
+                                  **_shard_options(args))
     print(f"wrote {args.dst} (recipe {args.recipe}): " +
           ", ".join(f"{n} {fmt}" for fmt, n in sorted(summary.items())) + " tensors")
 
@@ -227,7 +256,7 @@ def cmd_quantize(args):
 def cmd_inspect(args):
     from .checkpoint.convert import format_inspection, inspect_checkpoint
 
-    report = inspect_checkpoint(args.checkpoint)
+    report = inspect_checkpoint(args.checkpoint, tensors=args.tensors)
     print(json.dumps(report, indent=2) if args.json else format_inspection(report))
 
 
@@ -350,6 +379,12 @@ def _parallel_args(p):
                    help="expert-parallel ranks for the routed experts (equal to --tp, or alone: the rest replicated)")
 
 
+def _shard_args(p):
+    p.add_argument("--shards", type=int, default=None, metavar="N", help="write N shards of about equal bytes")
+    p.add_argument("--shard-gib", type=float, default=None, metavar="X",
+                   help="write shards of at most X GiB (default 2; one shard is model.safetensors)")
+
+
 def build_parser():
     parser = _Parser(prog="nemo-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -380,24 +415,38 @@ def build_parser():
     _parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("make-random", help="write a random checkpoint in NVIDIA's layout")
-    p.add_argument("--preset", default="tiny")
+    p = sub.add_parser("make-random", help="write a random checkpoint in NVIDIA's layout, tensor by tensor")
+    p.add_argument("--preset", default="tiny",
+                   help=f"the model's widths and layers: {', '.join(PRESETS)} (default tiny)")
     p.add_argument("out", type=Path)
-    p.add_argument("--shards", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pattern", default=None, metavar="PATTERN",
+                   help="a width slice: these layers (M mamba, E moe, * attention, - mlp, e.g. 'ME*') at the "
+                        "preset's widths")
+    p.add_argument("--num-layers", type=int, default=None, metavar="N",
+                   help="a width slice: the preset's first N layers")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layers")
+    p.add_argument("--recipe", default="bf16", choices=["bf16", "ultra", "super", "nano", "fp8"],
+                   help="store it quantized by this recipe, as make-random then quantize would (default bf16)")
+    _shard_args(p)
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _overwrite(p, "directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_make_random)
 
-    p = sub.add_parser("quantize", help="write a ModelOpt NVFP4/FP8 checkpoint from a BF16 one")
+    p = sub.add_parser("quantize", help="write a ModelOpt NVFP4/FP8 checkpoint from a BF16 one, tensor by tensor")
     p.add_argument("src", type=Path)
     p.add_argument("dst", type=Path)
-    p.add_argument("--recipe", default="ultra", choices=["ultra", "super", "nano", "fp8"])
+    p.add_argument("--recipe", default="ultra", choices=["ultra", "super", "nano", "fp8"],
+                   help="which tensors become NVFP4 / FP8 (default ultra)")
+    _shard_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     _overwrite(p, "destination directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_quantize)
 
-    p = sub.add_parser("inspect", help="tensors by block type and format, bytes, bits per parameter")
+    p = sub.add_parser("inspect", help="tensors by block type and format, bytes, bits per parameter (headers only)")
     p.add_argument("checkpoint", type=Path)
+    p.add_argument("--tensors", action="store_true",
+                   help="also list every stored tensor: NVIDIA name, stored name, shape, dtype, format, bytes")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 

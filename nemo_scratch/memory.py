@@ -198,16 +198,6 @@ def generate_bytes(cfg, batch, prompt, max_new, dtype="float32", mtp=False, draf
     return {"total": sum(parts.values()), "parts": parts}
 
 
-def random_checkpoint_bytes(cfg) -> int:
-    """make_random_checkpoint holds every tensor in float32, then encodes one tensor at a time."""
-    from .checkpoint.schema import expected_tensors
-
-    specs = expected_tensors(cfg)
-    numel = sum(spec.numel for spec in specs)
-    largest = max(spec.numel for spec in specs)
-    return 4 * numel + 8 * largest
-
-
 def free_disk_bytes(path):
     """Free bytes on the filesystem that holds ``path`` (its nearest existing ancestor); None if unknown."""
     import shutil

@@ -9,6 +9,8 @@ reader          checkpoint directories (single file, sharded with an index, or s
 names           NVIDIA's names <-> transformers' names, and the check of names and shapes against the config
 schema          every tensor a config implies (the single source of names and logical shapes)
 writer          write_checkpoint, random_tensors, make_random_checkpoint
+stream          what the writers share: headers first, then the data a slice of rows at a time (bounded memory)
+convert         quantize_checkpoint (streamed) and inspect_checkpoint (headers only, tensor by tensor)
 """
 
 from .names import check_tensor_set, from_transformers, to_transformers

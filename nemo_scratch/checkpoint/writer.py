@@ -4,12 +4,12 @@ A written directory is what NVIDIA ships and ``load_tensors`` reads: config.json
 shards ``model-0000k-of-0000N.safetensors`` with model.safetensors.index.json, and, for a quantized model,
 hf_quant_config.json. Plain weights are stored BF16, except A_log, D and the router's
 e_score_correction_bias, which NVIDIA keeps in F32; NVFP4Weight / FP8Weight become ModelOpt's tensor sets
-(spec 9.2): ``X.weight`` codes + ``X.weight_scale`` (+ ``X.weight_scale_2``, ``X.input_scale``).
+(spec 9.2): ``X.weight`` codes + ``X.weight_scale`` (+ ``X.weight_scale_2``, ``X.input_scale``). Both
+writers go through checkpoint/stream.py: headers first, then the data a piece at a time.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -17,17 +17,13 @@ import numpy as np
 
 from ..errors import CheckpointError, InputError
 from ..ops.quant import FP8Weight, NVFP4Weight
-from .modelopt import config_json_entry
+from .modelopt import RECIPES, quant_config_for, recipe_format
 from .names import check_tensor_set
-from .reader import CONFIG, INDEX, QUANT_CONFIG, SINGLE
-from .safe_write import atomic_directory, atomic_file, check_destination, copy_file
-from .safetensors_io import STORAGE, bf16_to_float32, float32_to_bf16, write_safetensors
+from .safe_write import check_destination
+from .safetensors_io import STORAGE, bf16_to_float32, check_item, float32_to_bf16
 from .schema import expected_tensors
-
-# Kept in F32 whatever the float dtype, as NVIDIA ships them (A_log and D feed exp and a skip connection; the
-# router bias only ranks experts, and transformers keeps it fp32 too: _keep_in_fp32_modules_strict).
-F32_SUFFIXES = (".A_log", ".D", ".gate.e_score_correction_bias")
-METADATA = {"format": "pt"}   # transformers refuses a safetensors file whose metadata lacks a format
+from .stream import (F32_SUFFIXES, HOLD_ELEMS, array_entry, check_disk, encoded_entry, layout_of, row_slices,
+                     stream_peak_bytes, write_streamed)
 
 
 def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwrite=False, float_dtype="BF16",
@@ -47,8 +43,7 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
     out_dir = Path(out_dir)
     if isinstance(shards, bool) or not isinstance(shards, int) or shards < 1:
         raise InputError(f"write_checkpoint: argument shards={shards!r}; expected an integer >= 1")
-    if float_dtype not in ("BF16", "F16", "F32"):
-        raise InputError(f"write_checkpoint: argument float_dtype={float_dtype!r}; expected 'BF16', 'F16' or 'F32'")
+    _check_float_dtype("write_checkpoint", float_dtype)
     if quant_config is not None and not isinstance(quant_config, dict):
         raise InputError(f"write_checkpoint: argument quant_config must be a dict, got {type(quant_config).__name__}")
     if not isinstance(tensors, dict):
@@ -59,66 +54,17 @@ def write_checkpoint(out_dir, cfg, tensors, shards=1, quant_config=None, overwri
               for name, value in tensors.items()}
     check_tensor_set(cfg, shapes, lambda name: f"write_checkpoint: tensor {name!r}", "write_checkpoint: tensors",
                      config_name="cfg")
-    groups = [_stored_tensors(name, value, float_dtype) for name, value in tensors.items()]
-    if shards > len(groups):
-        raise InputError(f"write_checkpoint: argument shards={shards} exceeds the {len(groups)} weights to write")
-    extra_files = [Path(f) for f in extra_files]
-    for f in extra_files:
-        if not f.is_file():
-            raise InputError(f"write_checkpoint: extra file {f} not found")
-    _check_disk(out_dir, sum(_nbytes(array, dtype) for g in groups for _, (array, dtype) in g)
-                + sum(f.stat().st_size for f in extra_files))
-    with atomic_directory(out_dir, overwrite, sources, what="write_checkpoint: out_dir") as tmp:
-        write_checkpoint_files(tmp, cfg, groups, shards, quant_config)
-        for f in extra_files:
-            with atomic_file(tmp / f.name, what=f"write_checkpoint: {f.name}") as out:
-                copy_file(f, out)
-    return out_dir
+    groups = [(name, _stored_tensors(name, value, float_dtype)) for name, value in tensors.items()]
+    for _, group in groups:
+        for stored, value in group:
+            check_item(out_dir, stored, value)
+    return write_streamed(out_dir, cfg, [array_entry(name, group) for name, group in groups], shards=shards,
+                          quant_config=quant_config, overwrite=overwrite, sources=sources, extra_files=extra_files)
 
 
-def write_checkpoint_files(directory: Path, cfg, groups, shards=1, quant_config=None) -> list:
-    """Write the files of a checkpoint into the (new, empty) ``directory``: shards and index, then config.json,
-    then hf_quant_config.json. ``groups`` are the stored tensors of each weight (_stored_tensors). -> names."""
-    written = []
-    if shards == 1:
-        written.append(write_safetensors(directory / SINGLE, dict(e for g in groups for e in g), METADATA).name)
-    else:
-        weight_map, total = {}, 0
-        for k, part in enumerate(_split(groups, shards)):
-            file_name = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-            entries = dict(e for g in part for e in g)
-            write_safetensors(directory / file_name, entries, METADATA)
-            weight_map.update({name: file_name for name in entries})
-            total += sum(_nbytes(array, dtype) for array, dtype in entries.values())
-            written.append(file_name)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        _write_json(directory / INDEX, index)
-        written.append(INDEX)
-    config = cfg.to_dict()
-    if quant_config is not None:
-        _write_json(directory / QUANT_CONFIG, quant_config)
-        written.append(QUANT_CONFIG)
-        # config.json carries the flat form transformers and vLLM read (quant_method "modelopt")
-        config["quantization_config"] = config_json_entry(quant_config)
-    _write_json(directory / CONFIG, config, sort_keys=True)
-    return written + [CONFIG]
-
-
-def _check_disk(out_dir, nbytes):
-    """Refuse before writing when the filesystem of ``out_dir`` has less room than the new files need (the
-    old files stay until the new ones are complete, so their room does not count)."""
-    from ..memory import free_disk_bytes, gib
-
-    free = free_disk_bytes(out_dir)
-    need = nbytes + 2**20   # headers, index and config files
-    if free is not None and need > free:
-        raise InputError(f"write_checkpoint: out_dir {out_dir}: the checkpoint needs about {gib(need)} on disk but "
-                         f"only {gib(free)} is free there")
-
-
-def _write_json(path, value, sort_keys=False):
-    with atomic_file(path, overwrite=True, what=str(path), error=CheckpointError) as f:
-        f.write((json.dumps(value, indent=2, sort_keys=sort_keys) + "\n").encode("utf-8"))
+def _check_float_dtype(what, float_dtype):
+    if float_dtype not in ("BF16", "F16", "F32"):
+        raise InputError(f"{what}: argument float_dtype={float_dtype!r}; expected 'BF16', 'F16' or 'F32'")
 
 
 def _stored_tensors(name, value, float_dtype) -> list:
@@ -152,24 +98,6 @@ def _scalar(name, value):
     return array.astype(np.float32).reshape(())
 
 
-def _nbytes(array, dtype) -> int:
-    return int(np.size(array)) * STORAGE[dtype].itemsize
-
-
-def _split(groups, shards) -> list:
-    """Cut the weights, in order, into ``shards`` non-empty parts of about equal bytes (a quantized weight's
-    tensors stay together)."""
-    sizes = [sum(_nbytes(array, dtype) for _, (array, dtype) in g) for g in groups]
-    total, done, parts = sum(sizes), 0, [[]]
-    for i, (group, size) in enumerate(zip(groups, sizes)):
-        shards_left = shards - len(parts)
-        if parts[-1] and shards_left and (len(groups) - i <= shards_left or done >= total * len(parts) / shards):
-            parts.append([])
-        parts[-1].append(group)
-        done += size
-    return parts
-
-
 # ---------------------------------------------------------------------------------------------- random models
 
 NORM_ROLES = ("norm", "norm_f", "gated_norm", "enorm", "hnorm", "final_layernorm")
@@ -180,56 +108,125 @@ RESIDUAL_ROLES = ("out_proj", "o_proj", "mlp_down", "expert_down", "shared_down"
 def random_tensors(cfg, seed=0) -> dict:
     """A random but numerically sane float32 model for ``cfg`` ({NVIDIA name: array}, MTP head included when
     cfg.num_nextn_predict_layers > 0). Values that write_checkpoint stores as BF16 are rounded to bfloat16
-    here, so a default write + load_tensors round trip returns exactly these arrays."""
+    here, so a default write + load_tensors round trip returns exactly these arrays. make_random_checkpoint
+    writes the same values without holding them (random_rows, a slice of rows at a time)."""
     rng = np.random.default_rng(seed)
-    residual_std = 0.02 / math.sqrt(2 * cfg.num_hidden_layers)
-    tensors = {}
-    for spec in expected_tensors(cfg):
-        def normal(std):
-            return rng.standard_normal(spec.shape, dtype=np.float32) * np.float32(std)
-
-        if spec.role == "embedding":
-            value = normal(1.0)
-        elif spec.role in NORM_ROLES:
-            value = np.float32(1.0) + normal(0.1)        # not all ones, so the norm weights are exercised
-        elif spec.role == "A_log":
-            # A = -exp(A_log) in [-16, -1]  (the Mamba-2 init)
-            value = np.log(rng.uniform(1.0, 16.0, spec.shape)).astype(np.float32)
-        elif spec.role == "D":
-            value = np.ones(spec.shape, dtype=np.float32)
-        elif spec.role == "dt_bias":
-            # dt ~ log-uniform[time_step_min, time_step_max]; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))
-            dt = np.exp(rng.uniform(math.log(cfg.time_step_min), math.log(cfg.time_step_max), spec.shape))
-            value = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
-        elif spec.role == "conv":
-            value = normal(0.3)
-        elif spec.role == "conv_bias":
-            value = normal(0.1)
-        elif spec.role == "gate_bias":
-            value = normal(0.02)
-        elif spec.role in RESIDUAL_ROLES:
-            value = normal(residual_std)
-        else:   # in_proj, q/k/v, up projections, router, latent projections, eh_proj, lm_head
-            value = normal(0.02)
-        if not spec.name.endswith(F32_SUFFIXES):
-            value = bf16_to_float32(float32_to_bf16(value))
-        tensors[spec.name] = value
-    return tensors
+    return {spec.name: random_rows(cfg, spec, rng, spec.shape[0]) for spec in expected_tensors(cfg)}
 
 
-def make_random_checkpoint(out_dir, cfg, seed=0, shards=1, **write_options) -> Path:
-    """write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards): a loadable test checkpoint.
+def random_rows(cfg, spec, rng, rows):  # -> float32 [rows, *spec.shape[1:]]
+    """The next ``rows`` rows of the random tensor ``spec``, drawn from ``rng``: drawing a tensor in slices of
+    rows gives the values of drawing it whole (every draw below is element by element)."""
+    shape = (rows, *spec.shape[1:])
 
-    The seed, the destination and the memory the float32 tensors need are checked before a tensor is drawn."""
+    def normal(std):
+        return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+
+    if spec.role == "embedding":
+        value = normal(1.0)
+    elif spec.role in NORM_ROLES:
+        value = np.float32(1.0) + normal(0.1)        # not all ones, so the norm weights are exercised
+    elif spec.role == "A_log":
+        # A = -exp(A_log) in [-16, -1]  (the Mamba-2 init)
+        value = np.log(rng.uniform(1.0, 16.0, shape)).astype(np.float32)
+    elif spec.role == "D":
+        value = np.ones(shape, dtype=np.float32)
+    elif spec.role == "dt_bias":
+        # dt ~ log-uniform[time_step_min, time_step_max]; dt_bias = softplus^-1(dt) = dt + log(1 - exp(-dt))
+        dt = np.exp(rng.uniform(math.log(cfg.time_step_min), math.log(cfg.time_step_max), shape))
+        value = (dt + np.log(-np.expm1(-dt))).astype(np.float32)
+    elif spec.role == "conv":
+        value = normal(0.3)
+    elif spec.role == "conv_bias":
+        value = normal(0.1)
+    elif spec.role == "gate_bias":
+        value = normal(0.02)
+    elif spec.role in RESIDUAL_ROLES:
+        # residual_std = 0.02 / sqrt(2 * layers)
+        value = normal(0.02 / math.sqrt(2 * cfg.num_hidden_layers))
+    else:   # in_proj, q/k/v, up projections, router, latent projections, eh_proj, lm_head
+        value = normal(0.02)
+    if not spec.name.endswith(F32_SUFFIXES):
+        value = bf16_to_float32(float32_to_bf16(value))
+    return value
+
+
+class _RandomStream:
+    """random_tensors' draws, one tensor after another from one generator, a slice of rows at a time.
+
+    ``values(k, spec)`` yields tensor k's slices; asked again for the same tensor (a quantized weight reads
+    its values twice), it rewinds the generator to where that tensor began."""
+
+    def __init__(self, cfg, seed):
+        self.cfg, self.rng = cfg, np.random.default_rng(seed)
+        self.current, self.start = -1, None
+
+    def values(self, k, spec):
+        if k == self.current + 1:
+            self.current, self.start = k, self.rng.bit_generator.state
+        elif k != self.current:
+            raise CheckpointError(f"random tensor {spec.name!r} (number {k}) drawn out of order: tensor "
+                                  f"{self.current} was the last one drawn")
+        self.rng.bit_generator.state = self.start
+        for r0, r1 in row_slices(spec.shape):
+            yield random_rows(self.cfg, spec, self.rng, r1 - r0)
+
+
+def random_entries(cfg, seed=0, recipe="bf16", float_dtype="BF16") -> list:
+    """The stream.Entry list of random_tensors(cfg, seed), each weight stored as ``recipe`` says (quantized
+    from the same bfloat16-rounded values that quantize would read back from a BF16 write)."""
+    stream = _RandomStream(cfg, seed)
+    entries = []
+    for k, spec in enumerate(expected_tensors(cfg)):
+        fmt = recipe_format(spec, recipe, cfg)
+        entries.append(encoded_entry(spec.name, spec.shape, fmt, lambda k=k, spec=spec: stream.values(k, spec),
+                                     float_dtype))
+    return entries
+
+
+def make_random_checkpoint(out_dir, cfg, seed=0, shards=None, shard_bytes=None, recipe="bf16", overwrite=False,
+                           sources=(), float_dtype="BF16", progress=None, quiet=False) -> Path:
+    """A loadable random checkpoint: random_tensors(cfg, seed) written tensor by tensor, never held.
+
+    shards / shard_bytes  as many shards of about equal bytes, or shards of at most this many bytes (default
+                          stream.DEFAULT_SHARD_BYTES); one shard is model.safetensors
+    recipe                "bf16" (default), or a quantization recipe ("ultra", "super", "nano", "fp8"): the
+                          checkpoint make-random then quantize would write, written directly
+    progress / quiet      a byte progress bar on stderr (progress.py), or ``progress`` (update(n), close())
+
+    With recipe "bf16" and the same shards this writes the bytes of write_checkpoint(out_dir, cfg,
+    random_tensors(cfg, seed), shards). The seed, the shards, the destination, the memory
+    (stream.stream_peak_bytes) and the disk space are checked before a value is drawn."""
     from ..guards import check_seed
-    from ..memory import check_fits, random_checkpoint_bytes
+    from ..memory import check_fits
+    from ..progress import progress_bar
 
     check_seed(seed)
-    if isinstance(shards, bool) or not isinstance(shards, int) or not 1 <= shards <= len(expected_tensors(cfg)):
+    if recipe not in RECIPES:
+        raise InputError(f"make_random_checkpoint: argument recipe={recipe!r}; expected one of {RECIPES}")
+    _check_float_dtype("make_random_checkpoint", float_dtype)
+    specs = expected_tensors(cfg)
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int)
+                               or not 1 <= shards <= len(specs)):
         raise InputError(f"make_random_checkpoint: argument shards={shards!r}; expected an integer in [1, "
-                         f"{len(expected_tensors(cfg))}] (the number of tensors)")
-    check_destination(out_dir, write_options.get("overwrite", False), write_options.get("sources", ()),
-                      what="write_checkpoint: out_dir")
-    check_fits(random_checkpoint_bytes(cfg), f"a random checkpoint of {cfg.num_hidden_layers} layers "
-               f"(d={cfg.hidden_size}, {cfg.n_routed_experts} experts)", "make-random")
-    return write_checkpoint(out_dir, cfg, random_tensors(cfg, seed), shards=shards, **write_options)
+                         f"{len(specs)}] (the number of tensors)")
+    check_destination(out_dir, overwrite, sources, what="write_checkpoint: out_dir")
+    what = (f"a random checkpoint of {cfg.num_hidden_layers} layers (d={cfg.hidden_size}, {cfg.n_routed_experts} "
+            f"experts{'' if recipe == 'bf16' else ', recipe ' + recipe})")
+    formats = [recipe_format(spec, recipe, cfg) for spec in specs]
+    nvfp4 = max((spec.numel for spec, fmt in zip(specs, formats) if fmt == "nvfp4"), default=0)
+    quantized = max((spec.numel for spec, fmt in zip(specs, formats) if fmt in ("nvfp4", "fp8")
+                     and spec.numel <= HOLD_ELEMS), default=0)
+    check_fits(stream_peak_bytes(nvfp4, quantized), what, "make-random")
+    stored = [t for spec, fmt in zip(specs, formats) for t in layout_of(spec.name, spec.shape, fmt, float_dtype)]
+    total = sum(math.prod(shape) * STORAGE[dtype].itemsize for _, dtype, shape in stored)
+    check_disk(out_dir, total, what)          # before the entry list is built: Ultra's has 55k entries
+    del specs, formats, stored
+    bar = progress if progress is not None else progress_bar(total, f"writing {Path(out_dir).name}", quiet)
+    try:
+        return write_streamed(out_dir, cfg, random_entries(cfg, seed, recipe, float_dtype), shards=shards,
+                              shard_bytes=shard_bytes, quant_config=quant_config_for(cfg, recipe),
+                              overwrite=overwrite, sources=sources, progress=bar, what="make_random_checkpoint",
+                              disk_what=what)
+    finally:
+        bar.close()
