@@ -31,9 +31,10 @@ done
 # name | time limit (s) | command (run in the repo root with PYTHONPATH set)
 STEPS=(
   "env|20|$PY tools/gpu_env.py"
-  "gpu_tests|270|$PY -m pytest -q -m gpu -p no:cacheprovider -o addopts= tests/test_backend_core.py tests/test_backend_quant.py tests/test_backend_contract.py tests/test_backend_mamba.py tests/test_backend_model.py tests/test_backend_numba_only.py tests/test_backend_cupy_only.py tests/test_parallel_gpu.py"
-  "bench_mamba|60|$PY bench/kernels_mamba.py --quick --repeats 10"
-  "bench_core|60|$PY bench/kernels_core.py --quick --iters 10"
+  "gpu_tests|230|$PY -m pytest -q -m gpu -p no:cacheprovider -o addopts= tests/test_backend_core.py tests/test_backend_quant.py tests/test_backend_contract.py tests/test_backend_mamba.py tests/test_backend_model.py tests/test_backend_numba_only.py tests/test_backend_cupy_only.py tests/test_parallel_gpu.py"
+  "bench_mamba|40|$PY bench/kernels_mamba.py --quick --repeats 10"
+  "bench_core|40|$PY bench/kernels_core.py --quick --iters 10"
+  "pipeline_slice|100|$PY bench/pipeline_slice.py --backend cupy --preset ultra --pattern 'ME*' --recipe ultra --stages 3 --prompt-len 8 --decode-steps 2"
 )
 
 if [ "$DRY" = 1 ]; then
