@@ -192,10 +192,8 @@ def cmd_generate(args):
             out["mtp"] = res.stats
         print(json.dumps(out))
         return
-    if args.stream:
-        print()
-    else:
-        print(text if text is not None else new)
+    # the prompt, then the continuation: the same text with and without --stream
+    print("" if args.stream else decode(ids) + decode(new))
     print(f"[{len(new)} tokens, {res.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     if args.mtp:
         s = res.stats
@@ -337,8 +335,24 @@ def cmd_demo(args):
 
 
 # ------------------------------------------------------------------------------------------ parser
+class _Help(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already says it or there is none to say."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and default is not None and default is not False
+                and default is not argparse.SUPPRESS and "default" not in text):
+            text += " (default: %(default)s)"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse whose usage errors are nemo_scratch errors: one line ``error: ...``, exit status 2."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         raise InputError(f"{message} (see {self.prog} --help)")
@@ -347,8 +361,10 @@ class _Parser(argparse.ArgumentParser):
 def _model_args(p):
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="checkpoint directory (default: the bundled tiny trained model)")
-    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cupy"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--backend", default="numpy", choices=["numpy", "numba", "cupy"],
+                   help="numpy: the reference; numba, cupy: the GPU kernels (the gpu extras and a CUDA device)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"],
+                   help="compute dtype; float64 is the oracle mode (NumPy backend)")
     p.add_argument("--dt-floor", default="config",
                    help="'config' (default), 'transformers' (floor at time_step_min as transformers 5.x) "
                         "or a number")
@@ -386,13 +402,17 @@ def _shard_args(p):
 
 
 def build_parser():
+    from .checkpoint.modelopt import RECIPES
+    from .golden import OPS
+
     parser = _Parser(prog="nemo-scratch", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("forward", help="logits for a list of token ids")
     _model_args(p)
     p.add_argument("--ids", required=True, help="comma-separated token ids, e.g. 1,2,3")
-    p.add_argument("--out", type=Path, help="write the float32 logits [1, t, v] to this .npy file")
+    p.add_argument("--out", type=Path, help="write the logits [1, t, v] to this .npy file (default: print the "
+                                             "argmax per position)")
     _overwrite(p, "--out file")
     _parallel_args(p)
     p.set_defaults(func=cmd_forward)
@@ -402,82 +422,89 @@ def build_parser():
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--ids", help="comma-separated prompt token ids")
     src.add_argument("--prompt", help="prompt text (tokenizer.json or the byte-level tokenizer)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate after the prompt")
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default unless --temperature > 0)")
     p.add_argument("--temperature", type=float, default=None, help="sample at this temperature; 0 = greedy")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass (with --temperature > 0)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (with --temperature > 0)")
     p.add_argument("--mtp", action="store_true", help="speculative decoding with the MTP head")
     p.add_argument("--draft-depth", type=int, default=None, help="MTP draft tokens per round (default 2)")
-    p.add_argument("--stop-at-eos", action="store_true")
-    p.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop at the config's eos_token_id")
+    p.add_argument("--stream", action="store_true",
+                   help="print tokens as they are generated (the prompt first, as without --stream)")
     p.add_argument("--json", action="store_true", help='print {"ids", "text", "tokens_per_s"[, "mtp"]}')
     _parallel_args(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("make-random", help="write a random checkpoint in NVIDIA's layout, tensor by tensor")
-    p.add_argument("--preset", default="tiny",
-                   help=f"the model's widths and layers: {', '.join(PRESETS)} (default tiny)")
-    p.add_argument("out", type=Path)
+    p.add_argument("--preset", default="tiny", metavar="{" + ",".join(PRESETS) + "}",
+                   help="the model's widths and layers: tiny and small are test sizes (tiny is not the bundled "
+                        "trained model), nano, super and ultra the published configs")
+    p.add_argument("out", type=Path, help="the directory to write")
     p.add_argument("--pattern", default=None, metavar="PATTERN",
                    help="a width slice: these layers (M mamba, E moe, * attention, - mlp, e.g. 'ME*') at the "
                         "preset's widths")
     p.add_argument("--num-layers", type=int, default=None, metavar="N",
                    help="a width slice: the preset's first N layers")
     p.add_argument("--no-mtp", action="store_true", help="leave out the MTP layers")
-    p.add_argument("--recipe", default="bf16", choices=["bf16", "ultra", "super", "nano", "fp8"],
-                   help="store it quantized by this recipe, as make-random then quantize would (default bf16)")
+    p.add_argument("--recipe", default="bf16", choices=list(RECIPES),
+                   help="store it quantized by this recipe, as make-random then quantize would")
     _shard_args(p)
-    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _overwrite(p, "directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_make_random)
 
     p = sub.add_parser("quantize", help="write a ModelOpt NVFP4/FP8 checkpoint from a BF16 one, tensor by tensor")
-    p.add_argument("src", type=Path)
-    p.add_argument("dst", type=Path)
-    p.add_argument("--recipe", default="ultra", choices=["ultra", "super", "nano", "fp8"],
-                   help="which tensors become NVFP4 / FP8 (default ultra)")
+    p.add_argument("src", type=Path, help="a BF16 checkpoint directory")
+    p.add_argument("dst", type=Path, help="the directory to write")
+    p.add_argument("--recipe", default="ultra", choices=[r for r in RECIPES if r != "bf16"],
+                   help="which tensors become NVFP4 / FP8: ultra and super (routed experts NVFP4, Mamba in/out "
+                        "and shared experts FP8), nano (every Linear NVFP4 but attention and lm_head), fp8")
     _shard_args(p)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _overwrite(p, "destination directory (as a whole: every file in it goes)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("inspect", help="tensors by block type and format, bytes, bits per parameter (headers only)")
-    p.add_argument("checkpoint", type=Path)
+    p.add_argument("checkpoint", type=Path, help="a checkpoint directory")
     p.add_argument("--tensors", action="store_true",
                    help="also list every stored tensor: NVIDIA name, stored name, shape, dtype, format, bytes")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("plan", help="parameters, bytes and a per-GPU pipeline placement, without weights")
-    p.add_argument("--preset", help="a preset name (tiny, small, nano, super, ultra)")
+    p.add_argument("--preset", metavar="{" + ",".join(PRESETS) + "}",
+                   help="a preset: tiny and small are test sizes (tiny is not the bundled trained model: "
+                        "--checkpoint nemo_scratch/data/nemotron3-tiny plans that), nano, super, ultra")
     p.add_argument("--config", type=Path, help="a config.json (or the directory holding it)")
     p.add_argument("--checkpoint", type=Path, help="a checkpoint directory: bytes from its safetensors headers")
-    p.add_argument("--recipe", default=None, choices=["bf16", "fp8", "nano", "super", "ultra"],
+    p.add_argument("--recipe", default=None, choices=list(RECIPES),
                    help="quantization recipe of --preset/--config (default bf16)")
-    p.add_argument("--gpus", type=int, default=8)
-    p.add_argument("--gpu-mem-gib", type=float, default=80.0)
+    p.add_argument("--gpus", type=int, default=8, help="devices to place the model over")
+    p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per device, GiB")
     p.add_argument("--max-len", type=int, default=None,
                    help="KV-cache capacity in tokens (default: the config's max_position_embeddings)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prefill-chunk", type=int, default=8192, help="tokens of one prefill forward (default 8192)")
-    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--batch", type=int, default=1, help="sequences decoded together (sizes KV cache and states)")
+    p.add_argument("--prefill-chunk", type=int, default=8192, help="tokens of one prefill forward")
+    p.add_argument("--cache-dtype", default="float32", choices=["float32", "bfloat16"], help="KV cache dtype")
     p.add_argument("--weights", default="stored", choices=["stored", "float32"],
-                   help="stored formats, or BF16 upcast to float32 as load() does today")
+                   help="stored formats, or BF16 upcast to float32 (what load(weights='float32') and the GPU "
+                        "backends hold)")
     p.add_argument("--draft-depth", type=int, default=0, help="MTP drafts per round (sizes the Mamba state history)")
     p.add_argument("--host", action="store_true",
                    help="predict the host memory of a CPU run (numpy backend) instead of a GPU placement: weights, "
                         "KV cache for --max-len x --batch, states, activations for --prefill-chunk")
     p.add_argument("--margin-gib", type=float, default=2.0,
-                   help="reserve per device for the CUDA context, kernels and pool fragmentation (default 2)")
-    p.add_argument("--json", action="store_true")
+                   help="reserve per device for the CUDA context, kernels and pool fragmentation, GiB")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("golden", help="export an op's inputs and reference outputs (float64 and float32)")
-    p.add_argument("--op")
-    p.add_argument("--shape", default="", help="dimension sizes, e.g. b=1,t=16,h=4,p=8,g=2,n=8")
-    p.add_argument("--out", type=Path)
+    p.add_argument("--op", metavar="OP", help=f"the op (with --out): {', '.join(sorted(OPS))}")
+    p.add_argument("--shape", default="", help="dimension sizes, e.g. b=1,t=16,h=4,p=8,g=2,n=8 (default: the "
+                                                "op's own small sizes)")
+    p.add_argument("--out", type=Path, help="the .safetensors file to write")
     p.add_argument("--check", type=Path, help="recompute an existing golden file and compare")
     p.add_argument("--seed", type=int, default=None, help="input seed (default 0)")
     p.add_argument("--case", default=None,
@@ -488,9 +515,9 @@ def build_parser():
     p.set_defaults(func=cmd_golden)
 
     p = sub.add_parser("demo", help="the bundled trained model: generate with and without MTP")
-    p.add_argument("--prompt", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=64)
-    p.add_argument("--draft-depth", type=int, default=2)
+    p.add_argument("--prompt", default=None, help="prompt text (default: demo.py's DEFAULT_PROMPT)")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate in each mode")
+    p.add_argument("--draft-depth", type=int, default=2, help="MTP draft tokens per round")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -138,6 +138,22 @@ def _vs(computed, published):
     return f"published ~{published / GB:g}B ({100 * (computed / published - 1):+.1f}%)"
 
 
+TEST_PRESETS = ("tiny", "small")   # presets of no published model: the test and benchmark sizes
+
+
+def _count(n) -> str:
+    """A parameter count in the unit that keeps it readable: '549.309B', '41.234M', '59,464'."""
+    return f"{n / GB:.3f}B" if n >= GB else f"{n / 1e6:.3f}M" if n >= 1e6 else f"{int(n):,}"
+
+
+def _bytes(n) -> str:
+    """Bytes in the decimal unit that keeps them readable: '351.88 GB', '118.9 kB'."""
+    for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+    return f"{int(n)} B"
+
+
 def format_plan(report: dict) -> str:
     """The plan as a small table, each computed figure next to the published one where NVIDIA gave one."""
     p, b, g, pub = report["params"], report["bytes"], report["gpus"], report["published"]
@@ -148,20 +164,24 @@ def format_plan(report: dict) -> str:
             ("active / token (excl. embedding table)", p["active"], pub.get("active")),
             ("active with embeddings", p["active_with_embeddings"], pub.get("active_with_embeddings")),
             ("active with MTP", p["active_with_mtp"], None)]
-    lines += [f"  {label:<40} {value / GB:10.3f}B   {_vs(value, ref)}".rstrip() for label, value, ref in rows]
+    lines += [f"  {label:<40} {_count(value):>11}   {_vs(value, ref)}".rstrip() for label, value, ref in rows]
     lines += ["", f"checkpoint bytes, recipe {report['recipe']}"]
     for fmt, row in b["by_format"].items():
         lines.append(f"  {fmt:<6} {row['tensors']:>7,} tensors {row['params']:>17,} params "
-                     f"{row['bytes'] / GB:10.3f} GB")
+                     f"{_bytes(row['bytes']):>13}")
     ref_bytes = pub.get("bytes", {}).get(report["recipe"])
     ref_bits = pub.get("bits_per_param", {}).get(report["recipe"])
-    total = f"  total  {b['total'] / GB:.2f} GB, {b['bits_per_param']:.3f} bits per parameter"
+    total = f"  total  {_bytes(b['total'])}, {b['bits_per_param']:.3f} bits per parameter"
     if ref_bytes:
         total += f"   published ~{ref_bytes / GB:g} GB ({100 * (b['total'] / ref_bytes - 1):+.2f}%)"
     if ref_bits:
         total += f", ~{ref_bits} bits"
-    lines += [total, "", f"GPUs: {g['count']} x {g['mem_gib']:g} GiB -> {g['per_gpu_bytes'] / GB:.2f} GB = "
+    lines += [total, "", f"GPUs: {g['count']} x {g['mem_gib']:g} GiB -> {_bytes(g['per_gpu_bytes'])} = "
               f"{g['per_gpu_gib']:.2f} GiB per GPU: {'fits' if g['fits'] else 'does NOT fit'} ({g['note']})"]
     if pub.get("source"):
         lines.append(f"published figures: {pub['source']}")
+    if report["model"] in TEST_PRESETS:
+        lines.append(f"preset '{report['model']}' is a test size, not a published model, and not the bundled "
+                     "trained model either: `nemo-scratch plan --checkpoint nemo_scratch/data/nemotron3-tiny` "
+                     "plans that one")
     return "\n".join(lines)

@@ -97,3 +97,42 @@ def test_errors_are_one_line(ckpt, tmp_path):
                           "--ids")
     (nocfg / "model.safetensors").write_bytes((nocfg / "model.safetensors").read_bytes()[:1000])
     assert_one_line_error(run("forward", "--checkpoint", nocfg, "--ids", "1", ok=False), "model.safetensors")
+
+
+def test_every_option_says_what_it_does_and_its_default():
+    """Each subcommand's --help: every option has help text, a default is printed where there is one, the
+    choices of presets, recipes and golden ops are listed, and tiny says it is not the bundled model."""
+    import argparse
+
+    from nemo_scratch.cli import build_parser
+    from nemo_scratch.golden import OPS
+    from nemo_scratch.presets import PRESETS
+
+    parser = build_parser()
+    (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for name, p in sub.choices.items():
+        text = p.format_help()
+        for action in p._actions:
+            if isinstance(action, argparse._HelpAction):
+                continue
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+            if action.option_strings and action.default not in (None, False):
+                assert p.formatter_class(name)._get_help_string(action).count("default") >= 1, (name, action.dest)
+        assert "(default: " in text or name == "inspect", name
+    helps = {name: " ".join(p.format_help().split()) for name, p in sub.choices.items()}   # unwrapped
+    assert all(preset in helps["make-random"] and preset in helps["plan"] for preset in PRESETS)
+    assert all(op in helps["golden"] for op in OPS)
+    assert "{bf16,fp8,nano,super,ultra}" in helps["plan"] and "not the bundled" in helps["plan"]
+    assert "(default: 80.0)" in helps["plan"] and "(default: 0)" in helps["plan"]   # a zero default is printed
+
+
+def test_generate_echoes_the_prompt_with_and_without_stream(ckpt):
+    plain = run("generate", "--checkpoint", ckpt, "--prompt", "Hi", "--max-new-tokens", 4, "--greedy").stdout
+    streamed = run("generate", "--checkpoint", ckpt, "--prompt", "Hi", "--max-new-tokens", 4, "--greedy",
+                   "--stream").stdout
+    assert plain.startswith("Hi") and plain.rstrip("\n") == streamed.rstrip("\n")
+
+
+def test_plan_of_a_test_preset_says_what_it_is():
+    out = run("plan", "--preset", "tiny").stdout
+    assert "0.000B" not in out and "46,792" in out and "not the bundled trained model" in out

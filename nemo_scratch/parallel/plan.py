@@ -319,9 +319,9 @@ def _span(units) -> str:
     return " ".join(words) + (f" ({counts})" if counts else "")
 
 
-def _table_unit(budget) -> tuple:
-    return next((name, scale) for name, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10), ("B", 1))
-                if budget >= scale)
+def _table_unit(largest) -> tuple:
+    """GiB, or MiB when the largest stage's weights are under a GiB (so a small model's cells are not 0.00)."""
+    return ("GiB", GIB) if largest >= GIB else ("MiB", 2**20)
 
 
 def _rows(stages, scale) -> list:
@@ -341,8 +341,8 @@ def _rows(stages, scale) -> list:
 def format_placement(p: Placement) -> str:
     """The per-device table of the byte-balanced plan, then the equal-count split for comparison."""
     run = p.run
-    unit, scale = _table_unit(p.budget_bytes)
     biggest = max(p.stages, key=lambda s: s.weight_bytes)
+    unit, scale = _table_unit(biggest.weight_bytes)
     worst = max(p.equal_count, key=lambda s: s.total_bytes)
     lines = [f"pipeline placement of {p.model} ({p.recipe + ' recipe' if p.recipe else 'formats from the headers'},"
              f" weights {p.weights}): {p.gpus} x {_size(p.budget_bytes)}; KV for {run.max_len:,} tokens x batch "
