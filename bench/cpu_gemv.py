@@ -1,13 +1,17 @@
 """The fused CPU GEMV (ops/quant_numba.py) against the NumPy tiles it replaces (ops/quant.py), same run, same threads.
 
     python bench/cpu_gemv.py [--threads N] [--rows 1,2,4,8,9,16] [--repeats 5] [--shapes lm_head,in_proj,expert]
+                             [--omp-wait-policy PASSIVE|ACTIVE]
 
 For each Nano-width weight shape and each stored format (float32, BF16, FP8, NVFP4: random codes, the timing
 does not depend on the values), times y = x @ W^T for m rows of x both ways, interleaved, and prints the
 median milliseconds, the stored bytes read per second and the ratio reference / kernel (> 1: the kernel is
 faster). It also measures this machine's memory bandwidth in the same run (a NumPy sum over 1 GiB, and a
 1 GiB copy counted as read + write), the ceiling a memory-bound GEMV can reach. The kernel's row limit
-(ops/quant_fast.py GEMV_ROWS) is chosen from the m where the ratio falls below 1.
+(ops/quant_fast.py GEMV_ROWS) is chosen from the m where the ratio falls below 1. The kernel and the
+tiles alternate (Numba's OpenMP threads, then OpenBLAS's), as they do in a model; ``--omp-wait-policy ACTIVE``
+lets Numba's idle threads spin (libgomp's default) instead of sleeping (what ops/quant_fast.py sets) to show
+what the two thread pools cost each other then.
 """
 
 import argparse
@@ -26,7 +30,9 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shapes", default="lm_head,in_proj,expert,expert_down")
     ap.add_argument("--formats", default="float32,bf16,fp8,nvfp4")
+    ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"])
     args = ap.parse_args()
+    os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     # BLAS and Numba thread pools are sized before numpy / numba load
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
@@ -36,8 +42,8 @@ def main():
 
     from nemo_scratch.ops import quant, quant_fast
 
-    print(f"threads {args.threads} (OpenBLAS and Numba), numpy {np.__version__}, numba {numba.__version__}, "
-          f"{os.cpu_count()} cores")
+    print(f"threads {args.threads} (OpenBLAS and Numba), OMP_WAIT_POLICY {args.omp_wait_policy}, numpy "
+          f"{np.__version__}, numba {numba.__version__}, {os.cpu_count()} cores")
     print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth(np).items()))
     rng = np.random.default_rng(0)
     for name in args.shapes.split(","):

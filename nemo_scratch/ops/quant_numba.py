@@ -1,11 +1,11 @@
 """Decode-and-multiply GEMVs on the CPU in Numba: y = x @ W^T for a few rows of x, W decoded 128 inputs at a time.
 
-Reference:  nemo_scratch.ops.quant.bf16_matmul, .dense_matmul, .fp8_matmul, .nvfp4_matmul (the NumPy tiles);
-            the dispatch that picks this kernel is nemo_scratch.ops.quant_fast
-Test:       tests/test_quant_fast.py (kernel vs reference on every format, m = 1..9, shapes crossing the lane
-            width, the row tasks and the 16-input NVFP4 block; every format bitwise equal to the float32 kernel
-            on the decoded weights; stored vs float32 model logits bitwise equal)
-Tolerance:  ("quant_matmul", float32) against the reference; bit-exact across formats (same values, same sums)
+Reference:  nemo_scratch.ops.quant.bf16_matmul, dense_matmul, fp8_matmul, nvfp4_matmul (the NumPy tiles);
+            the dispatch that picks this kernel: nemo_scratch.ops.quant_fast.bf16_matmul_fast (and its siblings)
+Test:       tests/test_quant_fast.py::test_kernel_matches_the_reference_and_the_float32_kernel,
+            ::test_stored_and_float32_models_give_bitwise_the_same_logits, ::test_non_finite_weights_*
+Tolerance:  tests/tolerances.py ("quant_matmul", float32) against the reference; bit-exact across formats
+            (a packed weight and its decoded float32 values give the same y)
 Versions:
   gemv_v1_lane_sums   ONE kernel for the four formats. Each output row r is cut into chunks of LANES inputs;
                       a chunk is decoded into a float32 scratch of LANES values (BF16: bits << 16; FP8: E4M3
@@ -20,14 +20,17 @@ Versions:
                       x is zero-padded to a multiple of LANES and a short last chunk is zero-filled, so every
                       chunk runs the same fixed-width loops (0 * 0 adds +0 to a lane).
   Parallel: output rows are split into tasks of TASK_ROWS rows (prange, Numba's thread pool; one scratch a task).
-  Performance notes (bench/cpu_gemv.py measures): the hot loops must sit in one function with the scratch
-  allocated there (a called helper, or a loop bound not written as a multiple of LANES, made them 4-8x slower:
-  the vectoriser then cannot prove the scratch and accumulators apart from x), hence the inline decoders.
+  Batch 1 (m = 1, the decode step) takes a branch that holds x's one row: the same sums, about 1.5x faster.
+  Performance notes (bench/cpu_gemv.py measures): with fastmath off, the vectoriser needs every hot loop in
+  one function, over fixed-width (LANES) trips, with the scratch and accumulators allocated there; a helper
+  it does not inline (numba's inline="always" does), a variable-width accumulate loop or a loop bound not
+  written as a multiple of LANES each made it 4-8x slower. Hence the inline decoders and the padded x.
 Build:      @numba.njit(fastmath=False, cache=True), float32 compute; the row-task loop parallel=True.
 """
 
 import numba
 import numpy as np
+from llvmlite import ir
 
 from .quant import E2M1_VALUES, E4M3_VALUES, NVFP4_BLOCK
 
@@ -92,6 +95,17 @@ def _copy_dense(wf, r, k0, width, w):  # f32 [o,n] -> w f32 [LANES]
             w[j] = row[k0 + j]
 
 
+@numba.extending.intrinsic
+def _f32_from_bits(typingctx, bits):  # uint32 -> float32 with the same 32 bits (a reinterpretation: exact)
+    if bits != numba.types.uint32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.FloatType())
+
+    return numba.types.float32(numba.types.uint32), codegen
+
+
 @numba.njit(**JIT)
 def _lane_sum(acc, base):  # acc [m*LANES] -> the sum of acc[base : base+LANES], by a fixed halving tree
     half = LANES // 2
@@ -136,8 +150,76 @@ def _gemv_rows(fmt, xp, n, wf, wh, wb, ws, scale, y, r0, r1):  # y[:, r0:r1] = x
             y[i, r] = _lane_sum(acc, i * LANES)
 
 
+@numba.njit(**JIT)
+def _gemv1_rows(fmt, xp, n, wf, wh, y, r0, r1):  # y[0, r0:r1] = x[0] @ W[r0:r1]^T, W BF16 or DENSE
+    """Batch 1 with a BF16 or float32 weight: the decode fused into the products (no scratch round trip), the
+    same lanes and sums as _gemv_rows (its zero-filled last chunk adds +0 to lanes that are never -0: the
+    same bits as leaving them alone, which this loop does)."""
+    x0 = xp[0]
+    acc = np.empty(LANES, np.float32)
+    full = n - n % LANES
+    for r in range(r0, r1):
+        acc[:] = 0
+        if fmt == BF16:
+            row = wh[r]
+            for k0 in range(0, full, LANES):
+                for j in range(LANES):
+                    # acc += x * W, W's float32 bits = bf16 bits << 16
+                    acc[j] += x0[k0 + j] * _f32_from_bits(np.uint32(np.uint32(row[k0 + j]) << SHIFT))
+        else:
+            rowf = wf[r]
+            for k0 in range(0, full, LANES):
+                for j in range(LANES):
+                    acc[j] += x0[k0 + j] * rowf[k0 + j]
+        if fmt == BF16:
+            for j in range(n - full):
+                acc[j] += x0[full + j] * _f32_from_bits(np.uint32(np.uint32(row[full + j]) << SHIFT))
+        else:
+            for j in range(n - full):
+                acc[j] += x0[full + j] * rowf[full + j]
+        y[0, r] = _lane_sum(acc, 0)
+
+
 @numba.njit(parallel=True, **JIT)
 def gemv(fmt, xp, n, wf, wh, wb, ws, scale, y):  # y [m, out] = x [m, n] @ W [out, n]^T
     out = y.shape[1]
+    batch1 = xp.shape[0] == 1 and (fmt == BF16 or fmt == DENSE)
     for task in numba.prange((out + TASK_ROWS - 1) // TASK_ROWS):
-        _gemv_rows(fmt, xp, n, wf, wh, wb, ws, scale, y, task * TASK_ROWS, min(out, (task + 1) * TASK_ROWS))
+        r0, r1 = task * TASK_ROWS, min(out, (task + 1) * TASK_ROWS)
+        if batch1:
+            _gemv1_rows(fmt, xp, n, wf, wh, y, r0, r1)
+        else:
+            _gemv_rows(fmt, xp, n, wf, wh, wb, ws, scale, y, r0, r1)
+
+
+# ------------------------------------------------------------------------------------------------ tile decodes
+# For more rows than a GEMV (prefill), quant_fast runs quant.py's own tiles and BLAS calls, with these decodes
+# of a tile of rows in place of the NumPy ones: the same float32 values (each decode is exact), so the same y
+# bit for bit; one pass instead of NumPy's two (BF16: 2x sooner), 10-15x sooner for FP8 / NVFP4. Serial: a
+# tile's GEMM that follows runs on OpenBLAS's threads, and a thread pool woken per tile costs more than it saves.
+
+@numba.njit(**JIT)
+def decode_bf16_rows(bits, r0, out_bits):  # u16 [o,n] -> out_bits u32 [r, n]: W[r0 : r0+r] as float32 bits
+    for r in range(out_bits.shape[0]):
+        row, o = bits[r0 + r], out_bits[r]
+        for k in range(o.shape[0]):
+            o[k] = np.uint32(row[k]) << SHIFT
+
+
+@numba.njit(**JIT)
+def decode_fp8_rows(data, scale, r0, out):  # u8 [o,n], f32 -> out f32 [r, n]
+    for r in range(out.shape[0]):
+        row, o = data[r0 + r], out[r]
+        for k in range(o.shape[0]):
+            o[k] = E4M3[row[k]] * scale
+
+
+@numba.njit(**JIT)
+def decode_nvfp4_rows(packed, block_scale, global_scale, r0, out):  # u8 [o,n/2], u8 [o,n/16], f32 -> f32 [r, n]
+    for r in range(out.shape[0]):
+        prow, srow, o = packed[r0 + r], block_scale[r0 + r], out[r]
+        for kk in range(prow.shape[0]):
+            byte = prow[kk]
+            s = E4M3[srow[2 * kk // NVFP4_BLOCK]]
+            o[2 * kk] = (E2M1[byte & 15] * s) * global_scale
+            o[2 * kk + 1] = (E2M1[byte >> 4] * s) * global_scale
