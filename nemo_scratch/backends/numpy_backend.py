@@ -19,7 +19,7 @@ import importlib
 
 import numpy as np
 
-from ..ops import attention, conv, moe, norm, quant, ssd, ssd_fast
+from ..ops import attention, conv, moe, norm, quant, quant_fast, ssd, ssd_fast
 from ..ops.contracts import CHECKS
 from ..ops.formats import map_arrays
 from ..ops.linear import linear as linear_op
@@ -62,14 +62,14 @@ class NumpyBackend:
     relu2 = staticmethod(moe.relu2)
     moe_experts = staticmethod(moe.moe_experts)
     bf16_decode = staticmethod(quant.bf16_decode)
-    bf16_matmul = staticmethod(quant.bf16_matmul)
-    dense_matmul = staticmethod(quant.dense_matmul)
+    bf16_matmul = staticmethod(quant_fast.bf16_matmul_fast)     # few rows: the Numba CPU kernel, if numba imports
+    dense_matmul = staticmethod(quant_fast.dense_matmul_fast)
     e2m1_decode = staticmethod(quant.e2m1_decode)
     e4m3_decode = staticmethod(quant.e4m3_decode)
     nvfp4_dequantize = staticmethod(quant.nvfp4_dequantize)
-    nvfp4_matmul = staticmethod(quant.nvfp4_matmul)
+    nvfp4_matmul = staticmethod(quant_fast.nvfp4_matmul_fast)
     fp8_dequantize = staticmethod(quant.fp8_dequantize)
-    fp8_matmul = staticmethod(quant.fp8_matmul)
+    fp8_matmul = staticmethod(quant_fast.fp8_matmul_fast)
 
     # -- composite ops: the reference's composition over this backend's primitives
     def linear(self, x, w):  # [..., in], [out, in] | NVFP4Weight | FP8Weight -> [..., out]
