@@ -7,10 +7,7 @@ weights, against transformers on the same 3-layer slice, same run, same threads.
 Slices: Nemotron 3 Nano's widths (d 2688, 128 experts top-6 of 1856, shared expert 3712, 64 Mamba heads x 64,
 state 128, 32 q / 2 kv heads, vocabulary 131072), random BF16 weights, no MTP head. 3 layers: pattern "ME*"
 (one block of each type, 4.1 GB); 12 layers: the first 12 of Nano's pattern, "MEMEM*EMEMEM" (15 GB). Each is
-written by ``make_random_checkpoint``; when that cannot hold the slice's float32 tensors in memory (it refuses
-up front with MemoryBudgetError), the slice is written tensor by tensor instead, each layer a byte copy of the
-3-layer slice's layer of the same type (same widths, same kind of values; the numbers measured do not depend
-on which random values a layer holds). Slices are kept in --dir and reused.
+written by ``make_random_checkpoint``, tensor by tensor, and kept in --dir for the next run.
 
 Every configuration runs in a fresh interpreter (``--probe``), so peaks do not mix, and reports for each phase
 (load; a --prefill-token prefill with a cache, last logits only; --decode greedy steps):
@@ -97,63 +94,18 @@ def slice_config(layers):
 
 
 def ensure_slice(root, layers):
-    """The slice's directory under root, written unless a complete one (its config.json matching) is there."""
+    """The slice's directory under root, written unless a complete one (its config.json matching) is there.
+    make_random_checkpoint writes it tensor by tensor, so even the 15 GB slice never sits in memory."""
     from nemo_scratch.checkpoint import make_random_checkpoint
-    from nemo_scratch.errors import MemoryBudgetError
 
     cfg, path = slice_config(layers), root / f"nano-{layers}L"
     if (path / "config.json").is_file() and json.loads((path / "config.json").read_text()) == cfg.to_dict():
         return path
     root.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    try:
-        make_random_checkpoint(path, cfg, seed=0, overwrite=True)
-        how = "make_random_checkpoint"
-    except MemoryBudgetError as exc:
-        print(f"{layers} layers: make_random_checkpoint refuses ({exc}); writing it tensor by tensor", flush=True)
-        write_by_layer_type(ensure_slice(root, 3), cfg, path)
-        how = "tensor by tensor, layers copied from the 3-layer slice"
-    print(f"wrote {path} ({how}) in {time.perf_counter() - t0:.0f} s", flush=True)
+    make_random_checkpoint(path, cfg, seed=0, overwrite=True, quiet=True)
+    print(f"wrote {path} in {time.perf_counter() - t0:.0f} s", flush=True)
     return path
-
-
-def write_by_layer_type(source, cfg, path):
-    """Write ``cfg``'s checkpoint into ``path`` one tensor at a time: every tensor is the byte copy of the tensor
-    of the same role in ``source`` (layer i from the source's layer of the same block type)."""
-    import struct
-
-    from nemo_scratch.checkpoint.reader import CONFIG, SINGLE
-    from nemo_scratch.checkpoint.safetensors_io import SafetensorsFile
-    from nemo_scratch.checkpoint.schema import expected_tensors
-    from nemo_scratch.checkpoint.writer import METADATA
-
-    src = SafetensorsFile(source / SINGLE)
-    src_cfg = slice_config(3)
-    first = {block: i for i, block in reversed(list(enumerate(src_cfg.layers_block_type)))}
-    names = {}
-    for spec in expected_tensors(cfg, include_mtp=False):
-        name = spec.name
-        if spec.layer is not None:
-            name = name.replace(f"layers.{spec.layer}.", f"layers.{first[cfg.layers_block_type[spec.layer]]}.", 1)
-        names[spec.name] = name
-    header, offset = {"__metadata__": METADATA}, 0
-    for name, src_name in names.items():
-        nbytes = src.nbytes_of(src_name)
-        header[name] = {"dtype": src.dtype_of(src_name), "shape": list(src.shape_of(src_name)),
-                        "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    path.mkdir(parents=True, exist_ok=True)
-    tmp = path / (SINGLE + ".partial")
-    with open(tmp, "wb") as f:
-        f.write(struct.pack("<Q", len(text)) + text)
-        for src_name in names.values():
-            data = src.raw(src_name).reshape(-1).view("u1")      # the stored bytes, memory-mapped
-            for start in range(0, data.size, 64 * 2**20):          # 64 MiB at a time
-                f.write(data[start:start + 64 * 2**20].tobytes())
-    tmp.rename(path / SINGLE)
-    (path / CONFIG).write_text(json.dumps(cfg.to_dict(), indent=2, sort_keys=True) + "\n")
 
 
 # ---------------------------------------------------------------------------------------------- measuring

@@ -19,7 +19,8 @@ import pytest
 
 from nemo_scratch.checkpoint.reader import CONFIG, INDEX
 from nemo_scratch.checkpoint.safetensors_io import write_safetensors
-from nemo_scratch.checkpoint.writer import F32_SUFFIXES, METADATA, random_tensors
+from nemo_scratch.checkpoint.stream import F32_SUFFIXES, METADATA
+from nemo_scratch.checkpoint.writer import random_tensors
 from nemo_scratch.config import preset
 
 VOCAB, WIDTH = 2**18, 1024
