@@ -36,6 +36,7 @@ def main():
     # BLAS and Numba thread pools are sized before numpy / numba load
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(args.threads)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # what nemo_scratch/__init__.py sets (see there)
 
     import numba
     import numpy as np

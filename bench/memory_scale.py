@@ -83,6 +83,7 @@ def set_threads(n):
     # BLAS, OpenMP (Numba's pool) and torch are sized before they load
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # what nemo_scratch/__init__.py sets (see there)
 
 
 # ---------------------------------------------------------------------------------------------- slices

@@ -7,9 +7,17 @@
     result = model.generate([1, 2, 3], 16, mtp=True)  # speculative decoding with the MTP head
 """
 
+import os
 from pathlib import Path
 
-import numpy as np
+# OpenBLAS's idle threads spin for 2**28 cycles (about 0.1 s) after every BLAS call by default; on a machine with
+# as many cores as threads they take the cores from the Numba CPU kernels that run between BLAS calls (a decode
+# step alternates the two): 1.5-2x slower (bench/cpu_gemv.py). 2**4 cycles lets them sleep at once. OpenBLAS reads
+# it when NumPy first loads it, so this only counts when nemo_scratch is imported before numpy (the CLI, the
+# benchmarks), and only as a default: a value the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+import numpy as np  # noqa: E402  (after the OpenBLAS default above)
 
 from .config import PRESETS, NemotronConfig, preset
 from .errors import NemoScratchError

@@ -1,16 +1,17 @@
 """The fused CPU GEMV (ops/quant_numba.py, dispatched by ops/quant_fast.py) against quant.py's NumPy tiles.
 
-- Every format (float32, BF16, FP8, NVFP4), m = 1..9 rows of x (the kernel runs up to GEMV_ROWS = 8, the
+- Every format (float32, BF16, FP8, NVFP4), m = 1..9 rows of x (the kernel runs up to GEMV_ROWS = 4, the
   tiles above), shapes crossing the kernel's 128-input lanes and 64-row tasks and the 16-input NVFP4 block,
   with non-multiples: within ("quant_matmul", float32) of the reference, shape and dtype first.
 - One kernel for every format: a packed weight gives bitwise the y the float32 kernel gives on its decoded
   values, so "stored" and "float32" models give bitwise the same logits (checked on a BF16 checkpoint).
-- More than 8 rows run the reference's tiles with Numba-decoded tiles: bitwise the reference's y.
+- More than GEMV_ROWS rows run the reference's tiles with Numba-decoded tiles: bitwise the reference's y.
 - The rule: float64, non-contiguous weights, NEMO_SCRATCH_CPU_KERNELS=0 and a missing numba run the reference
   itself (bitwise its result); errors are the reference's.
 """
 
 import contextlib
+import os
 import re
 import subprocess
 import sys
@@ -167,7 +168,7 @@ def test_stored_and_float32_models_give_bitwise_the_same_logits(calls, bf16_chec
     upcast = nemo_scratch.load(bf16_checkpoint, weights="float32")
     ids = np.random.default_rng(7).integers(0, stored.cfg.vocab_size, size=(1, 20))
     caches = stored.new_cache(1), upcast.new_cache(1)
-    for part in (ids[:, :5], ids[:, 5:17]):                            # 5 rows: the kernel; 12: the tiles
+    for part in (ids[:, :3], ids[:, 3:17]):                            # 3 rows: the kernel; 14: the tiles
         a, b = stored.forward(part, caches[0]), upcast.forward(part, caches[1])
         assert a.dtype == b.dtype == np.float32 and np.array_equal(bits(a), bits(b))
     for tok in ids[0, 17:]:                                            # batch-1 decode steps: the kernel
@@ -183,3 +184,16 @@ def test_without_numba_the_bundled_model_runs_on_the_tiles():
             "assert quant_fast.kernel_module() is None and len(out.ids[0]) == 4, out.ids\n")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_thread_pools_default_to_sleeping_when_idle_and_keep_a_users_setting():
+    # docs/backends.md "CPU: the numpy backend's decode kernels": OpenBLAS's and OpenMP's idle threads would
+    # otherwise spin on the cores the other pool needs
+    code = ("import os\nimport nemo_scratch\nfrom nemo_scratch.ops import quant_fast\nquant_fast.kernel_module()\n"
+            "print(os.environ['OPENBLAS_THREAD_TIMEOUT'], os.environ['OMP_WAIT_POLICY'])\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_THREAD_TIMEOUT", "OMP_WAIT_POLICY")}
+    for preset_env, want in (({}, "4 PASSIVE"), ({"OPENBLAS_THREAD_TIMEOUT": "12", "OMP_WAIT_POLICY": "ACTIVE"},
+                                                  "12 ACTIVE")):
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                              env={**env, **preset_env})
+        assert proc.returncode == 0 and proc.stdout.split() == want.split(), proc.stderr[-2000:]

@@ -28,7 +28,7 @@ from . import quant
 from .common import get_xp
 from .contracts import check_bf16_matmul, check_dense_matmul, check_fp8_matmul, check_nvfp4_matmul
 
-GEMV_ROWS = 8       # rows of x up to which the kernel runs (bench/cpu_gemv.py: BLAS on tiles wins above)
+GEMV_ROWS = 4       # rows of x up to which the kernel runs (bench/cpu_gemv.py: BF16 tiles win from m = 8)
 ENABLED = os.environ.get("NEMO_SCRATCH_CPU_KERNELS", "1") != "0"
 _KERNEL = []        # [the quant_numba module, or None when numba does not import]: imported at first use
 
