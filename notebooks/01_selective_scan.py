@@ -238,14 +238,14 @@ cache = model.new_cache(1)
 norms = []                                                                # per token: [layers, h]
 for s in range(ids.shape[1]):
     h_last = model.hidden(ids[:, s:s + 1], cache)
-    norms.append([np.linalg.norm(cache.layers[li]["ssm"][0], axis=(1, 2)) for li in mamba_layers])
+    norms.append([np.linalg.norm(cache.layers[li].ssm[0], axis=(1, 2)) for li in mamba_layers])
 norms = np.array(norms)                                                   # [t, layers, h]
 
 prefill = model.new_cache(1)
 h_all = model.hidden(ids, prefill)
 for li in mamba_layers:
-    assert cache.layers[li]["ssm"].dtype == np.float32
-    assert np.allclose(cache.layers[li]["ssm"], prefill.layers[li]["ssm"], rtol=1e-4, atol=1e-5), li
+    assert cache.layers[li].ssm.dtype == np.float32
+    assert np.allclose(cache.layers[li].ssm, prefill.layers[li].ssm, rtol=1e-4, atol=1e-5), li
 assert np.allclose(h_last[0, -1], h_all[0, -1], rtol=1e-4, atol=1e-4)
 
 fig, axes = plt.subplots(1, len(mamba_layers), figsize=(3.3 * len(mamba_layers), 2.9), sharey=True)

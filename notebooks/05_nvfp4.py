@@ -113,13 +113,16 @@ plt.show()
 # ## 2. Quantize a trained weight
 #
 # We take the routed experts' up-projections of the first MoE layer of the bundled model, the kind of tensor
-# Ultra stores in NVFP4. Stacked as `[e, f, l]`, each expert gets its own per-tensor scale $g$.
+# Ultra stores in NVFP4. The model keeps a layer's experts as an `ExpertBank`, one `[f, l]` weight per expert
+# left where the checkpoint has it (`bank[x]`); we stack them here as `[e, f, l]`, and each expert gets its own
+# per-tensor scale $g$.
 
 # %%
 model = nemo_scratch.load()
 cfg = model.cfg
 moe = cfg.layers_block_type.index("moe")
-w = model.params["layers"][moe]["experts_up"]                            # [e, f, l] float32
+bank = model.params["layers"][moe]["experts_up"]                         # ExpertBank: e weights [f, l]
+w = np.stack([bank[x] for x in range(len(bank))])                        # [e, f, l] float32
 qw = nvfp4_quantize(w)
 for name in ("packed", "block_scale", "global_scale"):
     a = getattr(qw, name)
@@ -201,7 +204,8 @@ ids = np.array([model.tokenizer.encode(text)])
 ref = model.forward(ids)[0]                                              # [t,v]
 p_ref = token_probs(ref)
 moe_layers = [i for i, p_layer in enumerate(model.params["layers"]) if p_layer["type"] == "moe"]
-expert_w = {(i, key): model.params["layers"][i][key] for i in moe_layers for key in ("experts_up", "experts_down")}
+expert_w = {(i, key): np.stack(list(model.params["layers"][i][key].experts))     # [e, out, in] float32
+            for i in moe_layers for key in ("experts_up", "experts_down")}
 compare = {}
 for name, (roundtrip, bits, what) in FORMATS.items():
     fake = nemo_scratch.load()                                           # a fresh copy whose experts we replace
@@ -278,7 +282,7 @@ with tempfile.TemporaryDirectory() as tmp:
         }
         if recipe == "ultra":
             print(format_inspection(report), "\n")
-            assert isinstance(qmodel.params["layers"][moe]["experts_up"], NVFP4Weight)
+            assert qmodel.params["layers"][moe]["experts_up"].format is NVFP4Weight      # a bank of NVFP4 experts
 bf16_mb = sum(f.stat().st_size for f in Path(model.path).glob("*.safetensors")) / 1e6
 print(f"{'recipe':8s}{'MB':>7s}{'bits/param':>12s}{'rel. logit err':>16s}{'top-1 agree':>13s}"
       f"{'KL nats/token':>15s}")
