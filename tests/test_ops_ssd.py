@@ -4,7 +4,8 @@
   and final states, with and without D and an initial state, for several h/g ratios, float32 and float64;
 - an initial state carried through two calls equals one call over the concatenation (both forms);
 - ssd_step repeated equals the scan;
-- discretize_dt is a stable softplus with a floor and a ceiling; segsum matches its definition;
+- discretize_dt is a stable softplus with a floor and a ceiling; segsum matches its definition, and the fast
+  twin's segsum_by_rows is segsum bit for bit (NaN and inf included);
 - the module imports with NumPy alone.
 """
 
@@ -20,7 +21,7 @@ from tolerances import assert_close
 
 from nemo_scratch.errors import InputError, ShapeError
 from nemo_scratch.ops.ssd import discretize_dt, segsum, ssd_scan_chunked, ssd_scan_sequential, ssd_step
-from nemo_scratch.ops.ssd_fast import ssd_scan_chunked_fast
+from nemo_scratch.ops.ssd_fast import segsum_by_rows, ssd_scan_chunked_fast
 
 DTYPES = st.sampled_from(["float32", "float64"])
 
@@ -152,6 +153,18 @@ def test_segsum_matches_its_definition():
         for j in range(5):
             want = a[:, j + 1:i + 1].sum(-1) if i >= j else np.full(2, -np.inf)
             np.testing.assert_allclose(got[:, i, j], want, rtol=1e-14, atol=1e-14)
+
+
+@given(q=st.integers(1, 40), lead=st.lists(st.integers(1, 3), max_size=2),
+       dtype=st.sampled_from(["float32", "float64"]), seed=st.integers(0, 2**16))
+@example(q=3, lead=[1], dtype="float32", seed=0)
+def test_the_fast_twins_segsum_is_the_readable_one_bit_for_bit(q, lead, dtype, seed):
+    a = (-3 * np.random.default_rng(seed).random((*lead, q))).astype(dtype)
+    if a.size > 2:
+        a.reshape(-1)[[0, -1]] = np.nan, np.inf          # non-finite steps land where the readable form puts them
+    want, got = segsum(a), segsum_by_rows(a)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert np.array_equal(got.view(np.uint8), want.view(np.uint8))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
