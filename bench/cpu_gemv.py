@@ -23,20 +23,18 @@ import time
 SHAPES = {"lm_head": (131072, 2688), "in_proj": (10304, 2688), "expert": (1856, 2688), "expert_down": (2688, 1856)}
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--rows", default="1,2,4,8,9,16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--shapes", default="lm_head,in_proj,expert,expert_down")
     ap.add_argument("--formats", default="float32,bf16,fp8,nvfp4")
+    ap.add_argument("--bandwidth-mib", type=int, default=1024, help="size of the bandwidth test's array")
     ap.add_argument("--omp-wait-policy", default="PASSIVE", choices=["PASSIVE", "ACTIVE"])
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
-    # BLAS and Numba thread pools are sized before numpy / numba load
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(args.threads)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # what nemo_scratch/__init__.py sets (see there)
+    set_threads(args.threads)
 
     import numba
     import numpy as np
@@ -45,7 +43,7 @@ def main():
 
     print(f"threads {args.threads} (OpenBLAS and Numba), OMP_WAIT_POLICY {args.omp_wait_policy}, numpy "
           f"{np.__version__}, numba {numba.__version__}, {os.cpu_count()} cores")
-    print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth(np).items()))
+    print("memory bandwidth: " + ", ".join(f"{k} {v:.1f} GB/s" for k, v in bandwidth(np, args.bandwidth_mib).items()))
     rng = np.random.default_rng(0)
     for name in args.shapes.split(","):
         out, inn = SHAPES[name]
@@ -97,9 +95,17 @@ def weight(fmt, out, inn, rng, np, quant, quant_fast):
             lambda x: quant.nvfp4_matmul(x, packed, block, scale), packed.nbytes + block.nbytes)
 
 
-def bandwidth(np):
-    """{what: GB/s} of a 1 GiB float32 array: np.sum reads it; np.copyto reads and writes it (2 GiB moved)."""
-    a = np.ones(2**28, dtype=np.float32)
+def set_threads(n):
+    """BLAS, OpenMP (Numba's pool) and torch threads, set before they load; OpenBLAS's idle threads sleep at once,
+    the default nemo_scratch/__init__.py sets (see there), which only counts when set before numpy loads."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(n)
+    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+
+
+def bandwidth(np, mib=1024):
+    """{what: GB/s} of a ``mib`` MiB float32 array: np.sum reads it; np.copyto reads and writes it (2x moved)."""
+    a = np.ones(mib * 2**18, dtype=np.float32)
     b = np.empty_like(a)
     np.copyto(b, a), a.sum()
     read = min(timed(lambda _: a.sum(), None) for _ in range(3))

@@ -34,6 +34,8 @@ import threading
 import time
 from pathlib import Path
 
+from cpu_gemv import bandwidth, set_threads   # bench/, beside this script
+
 NANO_12 = "MEMEM*EMEMEM"     # presets.NANO_PATTERN[:12]
 PATTERNS = {3: "ME*", 12: NANO_12}
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
@@ -78,13 +80,6 @@ def main():
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
-
-
-def set_threads(n):
-    # BLAS, OpenMP (Numba's pool) and torch are sized before they load
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-        os.environ[var] = str(n)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")   # what nemo_scratch/__init__.py sets (see there)
 
 
 # ---------------------------------------------------------------------------------------------- slices
@@ -243,22 +238,6 @@ def probe(kind, path, args):
                decode_tok_s=args.decode / decode_s)
     print(json.dumps(out))
     return 0
-
-
-def bandwidth(np):
-    """{what: GB/s} over a 1 GiB float32 array: np.sum reads it; np.copyto reads and writes it (2 GiB moved)."""
-    a = np.ones(2**28, dtype=np.float32)
-    b = np.empty_like(a)
-    np.copyto(b, a), a.sum()
-    read, copy = [], []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        a.sum()
-        t1 = time.perf_counter()
-        np.copyto(b, a)
-        read.append(t1 - t0)
-        copy.append(time.perf_counter() - t1)
-    return {"sum (read)": a.nbytes / min(read) / 1e9, "copy (read + write)": 2 * a.nbytes / min(copy) / 1e9}
 
 
 # ---------------------------------------------------------------------------------------------- the table
