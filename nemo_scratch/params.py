@@ -146,11 +146,11 @@ def _count(n) -> str:
     return f"{n / GB:.3f}B" if n >= GB else f"{n / 1e6:.3f}M" if n >= 1e6 else f"{int(n):,}"
 
 
-def _bytes(n) -> str:
-    """Bytes in the decimal unit that keeps them readable: '351.88 GB', '118.9 kB'."""
+def decimal_bytes(n) -> str:
+    """Bytes in the decimal unit that keeps them readable, as checkpoint sizes are quoted: '351.88 GB', '68.02 kB'."""
     for unit, scale in (("GB", GB), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.{2 if unit == 'GB' else 1}f} {unit}"
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
     return f"{int(n)} B"
 
 
@@ -168,15 +168,15 @@ def format_plan(report: dict) -> str:
     lines += ["", f"checkpoint bytes, recipe {report['recipe']}"]
     for fmt, row in b["by_format"].items():
         lines.append(f"  {fmt:<6} {row['tensors']:>7,} tensors {row['params']:>17,} params "
-                     f"{_bytes(row['bytes']):>13}")
+                     f"{decimal_bytes(row['bytes']):>13}")
     ref_bytes = pub.get("bytes", {}).get(report["recipe"])
     ref_bits = pub.get("bits_per_param", {}).get(report["recipe"])
-    total = f"  total  {_bytes(b['total'])}, {b['bits_per_param']:.3f} bits per parameter"
+    total = f"  total  {decimal_bytes(b['total'])}, {b['bits_per_param']:.3f} bits per parameter"
     if ref_bytes:
         total += f"   published ~{ref_bytes / GB:g} GB ({100 * (b['total'] / ref_bytes - 1):+.2f}%)"
     if ref_bits:
         total += f", ~{ref_bits} bits"
-    lines += [total, "", f"GPUs: {g['count']} x {g['mem_gib']:g} GiB -> {_bytes(g['per_gpu_bytes'])} = "
+    lines += [total, "", f"GPUs: {g['count']} x {g['mem_gib']:g} GiB -> {decimal_bytes(g['per_gpu_bytes'])} = "
               f"{g['per_gpu_gib']:.2f} GiB per GPU: {'fits' if g['fits'] else 'does NOT fit'} ({g['note']})"]
     if pub.get("source"):
         lines.append(f"published figures: {pub['source']}")

@@ -34,6 +34,7 @@ from pathlib import Path
 from ..checkpoint.modelopt import RECIPES
 from ..config import PATTERN_CHAR, PRESETS, NemotronConfig, preset
 from ..errors import InputError, PlanError
+from ..params import decimal_bytes
 from .memory import CACHE_DTYPES, COMPUTE_DTYPES, RunShape, unit_reserves
 from .units import WEIGHT_MODES, Unit, checkpoint_weights, config_weights, unit_names
 
@@ -261,14 +262,6 @@ def _equal_count(units, gpus, budget, margin) -> tuple:
     return tuple(out)
 
 
-def _gb(nbytes) -> str:
-    """Bytes in decimal units, as checkpoint sizes are quoted: '351.881 GB', '68.02 kB'."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if abs(nbytes) >= scale:
-            return f"{nbytes / scale:.3f} {unit}" if unit == "GB" else f"{nbytes / scale:.2f} {unit}"
-    return f"{nbytes} B"
-
-
 def _size(nbytes) -> str:
     """Bytes in the binary unit that keeps them readable: '43.83 GiB', '12.50 MiB'."""
     for unit, scale in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
@@ -348,12 +341,13 @@ def format_placement(p: Placement) -> str:
              f" weights {p.weights}): {p.gpus} x {_size(p.budget_bytes)}; KV for {run.max_len:,} tokens x batch "
              f"{run.batch} in {run.cache_dtype}; prefill chunk {run.prefill_chunk:,} tokens; draft depth "
              f"{run.draft_depth}; margin {_size(p.margin_bytes)} a device",
-             f"byte-balanced (min-max) stages, {unit}: weights {_gb(p.weight_bytes)} in all; the largest stage "
-             f"holds {_gb(biggest.weight_bytes)} = {_size(biggest.weight_bytes)} (device {biggest.device})",
+             f"byte-balanced (min-max) stages, {unit}: weights {decimal_bytes(p.weight_bytes)} in all; the largest "
+             f"stage holds {decimal_bytes(biggest.weight_bytes)} = {_size(biggest.weight_bytes)} (device "
+             f"{biggest.device})",
              *_rows(p.stages, scale), "",
              f"equal layer counts (vLLM get_pp_indices; embedding first, head and MTP last), {unit}: "
              f"{'fits' if p.equal_count_fits else 'does NOT fit'}; its largest stage (device {worst.device}) holds "
-             f"{_gb(worst.weight_bytes)} of weights, {_size(worst.total_bytes)} in all",
+             f"{decimal_bytes(worst.weight_bytes)} of weights, {_size(worst.total_bytes)} in all",
              *_rows(p.equal_count, scale)]
     return "\n".join(lines)
 
