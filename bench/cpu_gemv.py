@@ -96,11 +96,11 @@ def weight(fmt, out, inn, rng, np, quant, quant_fast):
 
 
 def set_threads(n):
-    """BLAS, OpenMP (Numba's pool) and torch threads, set before they load; OpenBLAS's idle threads sleep at once,
-    the default nemo_scratch/__init__.py sets (see there), which only counts when set before numpy loads."""
+    """BLAS, OpenMP (Numba's pool) and torch threads, set before they load. Then nemo_scratch is imported first,
+    before numpy, so its OpenBLAS idle-thread default (nemo_scratch/__init__.py) counts here as in the CLI."""
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ[var] = str(n)
-    os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "4")
+    import nemo_scratch  # noqa: F401
 
 
 def bandwidth(np, mib=1024):

@@ -18,9 +18,10 @@ prefill once more on a fresh cache ("again": the checkpoint's pages mapped and t
   peak of it), both minus the interpreter's own after its imports.
 The speed configurations run --repeats times, interleaved (stored, float32, transformers, stored, ...), and
 the medians are printed with the ratios; then, once each, "stored" and "float32" with the CPU kernels off
-(NEMO_SCRATCH_CPU_KERNELS=0: NumPy tiles only, what the models ran before ops/quant_fast.py). Before each run the slice's files are read once (not timed), so
-the page cache holds them: the figures are compute, not disk (the 12-layer slice, 15 GB on a 24 GB machine,
-may still be partly evicted during its run). Memory bandwidth is measured in the same run (a NumPy sum over 1 GiB and a 1 GiB copy).
+(NEMO_SCRATCH_CPU_KERNELS=0: NumPy tiles only, what the models ran before ops/quant_fast.py). Before each run
+the slice's files are read once (not timed), so the page cache holds them: the figures are compute, not disk
+(the 12-layer slice, 15 GB on a 24 GB machine, may still be partly evicted during its run). Memory bandwidth
+is measured in the same run (cpu_gemv.bandwidth: a NumPy sum over 1 GiB and a 1 GiB copy).
 """
 
 import argparse
@@ -36,8 +37,6 @@ from pathlib import Path
 
 from cpu_gemv import bandwidth, set_threads   # bench/, beside this script
 
-NANO_12 = "MEMEM*EMEMEM"     # presets.NANO_PATTERN[:12]
-PATTERNS = {3: "ME*", 12: NANO_12}
 STATUS_KEYS = ("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
@@ -84,10 +83,17 @@ def main():
 
 # ---------------------------------------------------------------------------------------------- slices
 
+def pattern(layers):
+    """3 layers: one block of each type, "ME*"; any other count: the first ``layers`` of Nano's own pattern."""
+    from nemo_scratch.presets import NANO_PATTERN   # (imported late: the thread counts are set before numpy loads)
+
+    return "ME*" if layers == 3 else NANO_PATTERN[:layers]
+
+
 def slice_config(layers):
     from nemo_scratch.config import preset
 
-    return preset("nano", hybrid_override_pattern=PATTERNS[layers], num_nextn_predict_layers=0)
+    return preset("nano", hybrid_override_pattern=pattern(layers), num_nextn_predict_layers=0)
 
 
 def ensure_slice(root, layers):
@@ -133,17 +139,15 @@ def run_probe(kind, path, args, env=None):
 
 
 def status():
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in STATUS_KEYS:
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    from nemo_scratch.memory import proc_bytes
+
+    return proc_bytes("/proc/self/status", STATUS_KEYS)
 
 
 def meminfo(key):
-    line = next(line for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith(key + ":"))
-    return int(line.split()[1]) * 1024
+    from nemo_scratch.memory import proc_bytes
+
+    return proc_bytes("/proc/meminfo", (key,))[key]
 
 
 class Phase:
@@ -243,8 +247,10 @@ def probe(kind, path, args):
 # ---------------------------------------------------------------------------------------------- the table
 
 def float32_bytes(path):
-    """The bytes of the checkpoint's tensors as float32 (what the "float32" weight mode holds)."""
-    return sum(4 * n for _, n, _ in tensors(path))
+    """What the "float32" weight mode allocates (the loader's own count, the one its memory check uses)."""
+    from nemo_scratch.checkpoint.reader import float32_bytes, open_checkpoint
+
+    return float32_bytes(open_checkpoint(path))
 
 
 def tensors(path):
@@ -277,7 +283,7 @@ def ratios(a, b):
 
 def report(layers, path, size, runs, args):
     gb = 1e9
-    print(f"\n{layers} layers ({PATTERNS[layers]}): checkpoint {size / gb:.2f} GB; prefill {args.prefill} tokens"
+    print(f"\n{layers} layers ({pattern(layers)}): checkpoint {size / gb:.2f} GB; prefill {args.prefill} tokens"
           f" (prefill_chunk {args.prefill_chunk}), {args.decode} decode steps; medians of {len(runs['stored'])}")
     print(f"{'':18s}{'load s':>8s}{'load RSS':>10s}{'load anon':>10s}{'prefill s':>10s}{'tok/s':>8s}"
           f"{'peak RSS':>10s}{'peak anon':>10s}{'again tok/s':>12s}{'decode tok/s':>13s}{'peak RSS':>10s}"
@@ -295,7 +301,8 @@ def report(layers, path, size, runs, args):
               f"{first['load']['peak_rss'] / gb:10.2f}{first['load']['peak_anon'] / gb:10.2f}"
               f"{statistics.median(r['prefill']['seconds'] for r in ok):10.2f}{m['prefill_tok_s']:8.1f}"
               f"{first['prefill']['peak_rss'] / gb:10.2f}{first['prefill']['peak_anon'] / gb:10.2f}"
-              f"{m['again_tok_s']:12.1f}{m['decode_tok_s']:13.2f}{first['decode']['peak_rss'] / gb:10.2f}{first['decode']['peak_anon'] / gb:10.2f}")
+              f"{m['again_tok_s']:12.1f}{m['decode_tok_s']:13.2f}{first['decode']['peak_rss'] / gb:10.2f}"
+              f"{first['decode']['peak_anon'] / gb:10.2f}")
     for kind in ("stored", "float32"):
         if kind in med:
             nbytes = decode_bytes(path, kind == "float32")

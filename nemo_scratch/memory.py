@@ -44,14 +44,22 @@ HELP = {
 
 # ---------------------------------------------------------------------------------------------- what is there
 
-def _meminfo_available():
+def proc_bytes(path, keys) -> dict:
+    """{key: bytes} of the ``Key:   N kB`` lines of a /proc file (/proc/meminfo, /proc/self/status) whose key is
+    in ``keys``; the keys it lacks, or all of them when it cannot be read (not Linux), are left out."""
+    out = {}
     try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+        for line in Path(path).read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key in keys:
+                out[key] = int(value.split()[0]) * 1024
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        return {}
+    return out
+
+
+def _meminfo_available():
+    return proc_bytes("/proc/meminfo", ("MemAvailable",)).get("MemAvailable")
 
 
 def _read_int(path):
@@ -133,7 +141,7 @@ def layer_bytes(cfg, block_type, batch, tokens, dtype, past=0, cached=False) -> 
     s, b, t = _itemsize(dtype), batch, tokens
     d, bt = cfg.hidden_size, batch * tokens
     if block_type == "mamba":
-        h, p, g, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.n_groups, cfg.ssm_state_size
+        h, p, n = cfg.mamba_num_heads, cfg.mamba_head_dim, cfg.ssm_state_size
         i, c, w = cfg.mamba_intermediate, cfg.conv_dim, cfg.conv_kernel
         if cached and t <= 8:      # stepped token by token (decode, speculative verification with history)
             return s * b * (cfg.in_proj_out * t + 2 * t * (c * w + 2 * h * p * n) + 2 * t * i)

@@ -10,16 +10,12 @@ numpy, not the run's memory), after the load and after the prefill, and the seco
 import json
 import sys
 import time
-from pathlib import Path
 
 
 def status():
-    out = {}
-    for line in Path("/proc/self/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
+    from nemo_scratch.memory import proc_bytes
+
+    return proc_bytes("/proc/self/status", ("VmRSS", "VmHWM", "RssAnon", "RssFile"))
 
 
 def main():

@@ -2,42 +2,30 @@
 the backend takes; the recorded figures (docs/benchmarks.md) come from their full runs, not from here."""
 
 import json
-import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import cpu_gemv  # noqa: E402
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
 import memory_scale  # noqa: E402
 
 import nemo_scratch  # noqa: E402
 from nemo_scratch.ops import quant_fast  # noqa: E402
 
-THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS",
-               "OMP_WAIT_POLICY", "OPENBLAS_THREAD_TIMEOUT")
 
-
-@pytest.fixture
-def restore_thread_env():
-    # the scripts size the thread pools through os.environ: give it back as it was
-    saved = {var: os.environ.get(var) for var in THREAD_VARS}
-    yield
-    for var, value in saved.items():
-        if value is None:
-            os.environ.pop(var, None)
-        else:
-            os.environ[var] = value
-
-
-def test_cpu_gemv_times_the_kernel_and_the_tiles_and_names_the_path(capsys, restore_thread_env):
+def test_cpu_gemv_times_the_kernel_and_the_tiles_and_names_the_path():
+    # a fresh interpreter: the script sizes the thread pools of the process it runs in
     m_tiles = quant_fast.GEMV_ROWS + 1
-    assert cpu_gemv.main(["--threads", "1", "--rows", f"1,{m_tiles}", "--shapes", "expert", "--formats",
-                          "bf16,nvfp4", "--repeats", "1", "--bandwidth-mib", "16"]) == 0
-    out = capsys.readouterr().out
+    proc = subprocess.run([sys.executable, str(BENCH / "cpu_gemv.py"), "--threads", "1", "--rows", f"1,{m_tiles}",
+                           "--shapes", "expert", "--formats", "bf16,nvfp4", "--repeats", "1", "--bandwidth-mib",
+                           "16"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout
     assert re.search(r"memory bandwidth: sum \(read\) [\d.]+ GB/s, copy \(read \+ write\) [\d.]+ GB/s", out)
     rows = re.findall(r"^expert +\[ *1856 x 2688\] (\w+) +m=(\d+) +kernel +([\d.]+) ms .* ratio +([\d.]+) +"
                       r"\(the backend runs: (\w+) *\)", out, flags=re.M)

@@ -14,11 +14,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from nemo_scratch.checkpoint.reader import CONFIG, INDEX
-from nemo_scratch.checkpoint.safetensors_io import write_safetensors
+from nemo_scratch.checkpoint.safetensors_io import _header, write_safetensors
 from nemo_scratch.checkpoint.stream import F32_SUFFIXES, METADATA
 from nemo_scratch.checkpoint.writer import random_tensors
 from nemo_scratch.config import preset
@@ -29,15 +28,13 @@ SLACK = 64 * 2**20
 
 PROBE = """
 import json, sys
-from pathlib import Path
-import numpy as np
 import nemo_scratch
 import nemo_scratch.checkpoint, nemo_scratch.model.model, nemo_scratch.model.weights   # what load imports
+import nemo_scratch.memory
 
 
 def rss_anon():
-    line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("RssAnon:"))
-    return int(line.split()[1]) * 1024
+    return nemo_scratch.memory.proc_bytes("/proc/self/status", ("RssAnon",))["RssAnon"]
 
 
 before = rss_anon()
@@ -47,17 +44,12 @@ print(json.dumps({"before": before, "after": rss_anon(), "weights": model.info["
 
 
 def write_sparse_shard(path, names, shape):
-    """A safetensors file of BF16 tensors ``names``, each ``shape``, all zeros: the header, then a hole."""
-    nbytes = int(np.prod(shape)) * 2
-    header = {"__metadata__": METADATA}
-    for k, name in enumerate(names):
-        header[name] = {"dtype": "BF16", "shape": list(shape), "data_offsets": [k * nbytes, (k + 1) * nbytes]}
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
+    """A safetensors file of BF16 tensors ``names``, each ``shape``, all zeros: the writer's header, then a hole."""
+    text, sizes = _header(path, [(name, "BF16", shape) for name in names], METADATA)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(text)) + text)
-        f.truncate(8 + len(text) + len(names) * nbytes)    # the data: a sparse run of zeros
-    return len(names) * nbytes
+        f.truncate(8 + len(text) + sum(sizes))              # the data: a sparse run of zeros
+    return sum(sizes)
 
 
 @pytest.fixture(scope="module")
