@@ -29,6 +29,7 @@ Exit status: 0 when the logits agree and every stage fits its budget, 1 otherwis
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
@@ -45,7 +46,7 @@ from nemo_scratch import load  # noqa: E402
 from nemo_scratch.checkpoint.modelopt import quant_config_for, recipe_formats  # noqa: E402
 from nemo_scratch.checkpoint.safetensors_io import encode  # noqa: E402
 from nemo_scratch.checkpoint.stream import Entry, layout_of, row_slices, write_streamed  # noqa: E402
-from nemo_scratch.checkpoint.writer import NORM_ROLES, RESIDUAL_ROLES, random_rows  # noqa: E402
+from nemo_scratch.checkpoint.writer import NORM_ROLES, init_std, random_rows  # noqa: E402
 from nemo_scratch.model.weights import map_tree  # noqa: E402
 from nemo_scratch.ops.formats import arrays_of  # noqa: E402
 from nemo_scratch.parallel.loader import load_placed  # noqa: E402
@@ -65,14 +66,6 @@ E4M3_ONE = 0x38            # the E4M3 code of 1.0; + 0..7 (mantissa) spans [1, 1
 
 
 # ------------------------------------------------------------------------------------ 1. the checkpoint
-
-def init_std(cfg, spec):
-    """The standard deviation writer.py's init gives a projection (0.02, or 0.02/sqrt(2 layers) for the
-    ones writing into the residual stream; 1 for the embedding)."""
-    if spec.role == "embedding":
-        return 1.0
-    return 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if spec.role in RESIDUAL_ROLES else 0.02
-
 
 def random_bytes(rng, shape):
     return np.frombuffer(rng.bytes(math.prod(shape)), dtype=np.uint8).reshape(shape)
@@ -176,21 +169,16 @@ class TimedPlace:
     def __getattr__(self, name):
         return getattr(self.inner, name)
 
+    @contextlib.contextmanager
     def use(self, unit):
-        timed = self
-
-        class _Timed:
-            def __enter__(self):
-                sync(timed.devices)
-                self.context, self.start = timed.inner.use(unit), time.perf_counter()
-                return self.context.__enter__()
-
-            def __exit__(self, *exc):
-                sync(timed.devices)
-                timed.seconds[unit] = timed.seconds.get(unit, 0.0) + time.perf_counter() - self.start
-                return self.context.__exit__(*exc)
-
-        return _Timed()
+        sync(self.devices)
+        start = time.perf_counter()
+        with self.inner.use(unit) as context:
+            try:
+                yield context
+            finally:
+                sync(self.devices)
+                self.seconds[unit] = self.seconds.get(unit, 0.0) + time.perf_counter() - start
 
 
 def run(model, ids, steps):
@@ -315,12 +303,13 @@ def main(argv=None):
 
         print(f"\n| unit | kind | prefill {args.prompt_len} tokens, ms | decode, ms a token |\n|---|---|---:|---:|")
         for u in plan.units:
-            print(f"| {u.name} | {u.kind} | {1e3 * prefill_s.get(u.name, 0):.3f} | {1e3 * decode_s.get(u.name, 0):.3f} |")
+            print(f"| {u.name} | {u.kind} | {1e3 * prefill_s.get(u.name, 0):.3f} | "
+                  f"{1e3 * decode_s.get(u.name, 0):.3f} |")
 
         token_s = project(cfg, full, decode_s)
         read = modelled_decode(full, args.recipe, Layout.of(tp=1))["single_device"]
-        print(f"\nprojected {args.preset} ({full.num_hidden_layers} layers) decode at batch 1 under pipeline placement: "
-              f"{1e3 * token_s:.2f} ms a token = {1 / token_s:.2f} tok/s (stage hops not included)")
+        print(f"\nprojected {args.preset} ({full.num_hidden_layers} layers) decode at batch 1 under pipeline "
+              f"placement: {1e3 * token_s:.2f} ms a token = {1 / token_s:.2f} tok/s (stage hops not included)")
         bw = peak_bandwidth(devices) if gpu else None
         if bw is not None:
             name, peak_bw = bw

@@ -15,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import pipeline_slice  # noqa: E402
 
 from nemo_scratch import load  # noqa: E402
+from nemo_scratch.checkpoint.writer import init_std  # noqa: E402
 from nemo_scratch.ops.quant import fp8_dequantize, nvfp4_dequantize  # noqa: E402
 from nemo_scratch.presets import preset  # noqa: E402
 
@@ -50,7 +51,7 @@ def test_drawn_codes_make_a_loadable_finite_model(tmp_path):
                "expert_up": nvfp4_dequantize(*fields(moe["experts_up"][0])),                         # NVFP4
                "q_proj": np.asarray(model.params["layers"][2]["q_proj"])}      # BF16, decoded at load (float32)
     for role, w in decoded.items():
-        assert 0.5 < w.std() / pipeline_slice.init_std(cfg, SimpleNamespace(role=role)) < 2, role
+        assert 0.5 < w.std() / init_std(cfg, SimpleNamespace(role=role)) < 2, role
 
 
 def test_projection_scales_measured_layers_to_the_full_model():

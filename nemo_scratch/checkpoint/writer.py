@@ -114,6 +114,14 @@ def random_tensors(cfg, seed=0) -> dict:
     return {spec.name: random_rows(cfg, spec, rng, spec.shape[0]) for spec in expected_tensors(cfg)}
 
 
+def init_std(cfg, spec) -> float:
+    """The standard deviation of a tensor's normal init: 1 for the embedding, 0.02 / sqrt(2 layers) for the
+    projections writing into the residual stream (residual_std), 0.02 for every other projection and bias."""
+    if spec.role == "embedding":
+        return 1.0
+    return 0.02 / math.sqrt(2 * cfg.num_hidden_layers) if spec.role in RESIDUAL_ROLES else 0.02
+
+
 def random_rows(cfg, spec, rng, rows):  # -> float32 [rows, *spec.shape[1:]]
     """The next ``rows`` rows of the random tensor ``spec``, drawn from ``rng``: drawing a tensor in slices of
     rows gives the values of drawing it whole (every draw below is element by element)."""
@@ -122,9 +130,7 @@ def random_rows(cfg, spec, rng, rows):  # -> float32 [rows, *spec.shape[1:]]
     def normal(std):
         return rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
 
-    if spec.role == "embedding":
-        value = normal(1.0)
-    elif spec.role in NORM_ROLES:
+    if spec.role in NORM_ROLES:
         value = np.float32(1.0) + normal(0.1)        # not all ones, so the norm weights are exercised
     elif spec.role == "A_log":
         # A = -exp(A_log) in [-16, -1]  (the Mamba-2 init)
@@ -139,13 +145,8 @@ def random_rows(cfg, spec, rng, rows):  # -> float32 [rows, *spec.shape[1:]]
         value = normal(0.3)
     elif spec.role == "conv_bias":
         value = normal(0.1)
-    elif spec.role == "gate_bias":
-        value = normal(0.02)
-    elif spec.role in RESIDUAL_ROLES:
-        # residual_std = 0.02 / sqrt(2 * layers)
-        value = normal(0.02 / math.sqrt(2 * cfg.num_hidden_layers))
-    else:   # in_proj, q/k/v, up projections, router, latent projections, eh_proj, lm_head
-        value = normal(0.02)
+    else:   # the embedding, in_proj, q/k/v, up and down projections, router and its bias, latent, eh_proj, lm_head
+        value = normal(init_std(cfg, spec))
     if not spec.name.endswith(F32_SUFFIXES):
         value = bf16_to_float32(float32_to_bf16(value))
     return value
