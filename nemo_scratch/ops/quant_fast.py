@@ -7,9 +7,9 @@ Same contract, same numbers, as ``quant.bf16_matmul``, ``dense_matmul``, ``fp8_m
     kernel  if  numba imports, x is a float32 NumPy array with 1 <= m <= GEMV_ROWS rows (m = x.size / in),
                 every weight array is a C-contiguous NumPy array (memory-mapped, in memory, or a virtual
                 device's), and the environment variable NEMO_SCRATCH_CPU_KERNELS is not "0";
-    tiles   for more rows under the same conditions (x a plain array): quant.py's own tiles and BLAS calls,
-            each tile decoded by a parallel Numba loop instead of NumPy (the same exact values: bitwise the
-            reference's y); a float32 weight has nothing to decode and runs the reference;
+    tiles   for more rows under the same conditions (x and the weights plain arrays): quant.py's own tiles and
+            BLAS calls, each tile decoded by a serial Numba loop instead of NumPy (the same exact values: bitwise
+            the reference's y); a float32 weight has nothing to decode and runs the reference;
     else    the readable reference (NumPy tiles; float64 oracle mode always).
 
 Why: at batch 1 a decode step is a chain of GEMVs over big weights, and the NumPy tiles write a float32 tile
@@ -20,6 +20,7 @@ tile wins (bench/cpu_gemv.py). ``rows_per_tile`` shapes the tiles only: the kern
 numba is optional (the ``cpu`` extra: ``pip install nemo_scratch[cpu]``): without it every call is the reference.
 """
 
+import functools
 import os
 
 import numpy as np
@@ -56,7 +57,8 @@ def _host(a):  # a NumPy array (a virtual device's array too) -> a read-only pla
     return view
 
 
-def _unused(dtype):  # a stand-in for the weight arrays a format does not use
+@functools.cache
+def _unused(dtype):  # a stand-in for the weight arrays a format does not use (one per dtype, read-only)
     return _host(np.zeros((1, 1), dtype))
 
 
@@ -88,31 +90,28 @@ def _gemv(x, out, inn, fmt, wf=None, wh=None, wb=None, ws=None, scale=np.float32
     return y
 
 
-def _tiles(x, out, inn, decode, rows_per_tile):  # [..., in] -> [..., out] or None
+def _tiles(x, weights, out, inn, decode, rows_per_tile):  # [..., in] -> [..., out] or None
     """quant.py's tiles and BLAS calls with a Numba decode of each tile (the same values): for more rows than a
-    GEMV, float32, when the kernel module imports and the weights are plain C-contiguous arrays."""
-    kernel = kernel_module() if ENABLED and x.dtype == np.float32 and type(x) is np.ndarray else None
-    if kernel is None or decode is None:
+    GEMV, float32, when the kernel module imports and x and the weight arrays are plain C-contiguous arrays."""
+    plain = all(type(a) in (np.ndarray, np.memmap) and a.flags.c_contiguous for a in weights)
+    kernel = kernel_module() if ENABLED and plain and x.dtype == np.float32 and type(x) is np.ndarray else None
+    if kernel is None:
         return None
     return quant._tiled_matmul(x, out, lambda r0, r1: decode(kernel, r0, r1), rows_per_tile)
-
-
-def _plain(*arrays):
-    return all(isinstance(a, np.ndarray) and type(a) in (np.ndarray, np.memmap) and a.flags.c_contiguous
-               for a in arrays)
 
 
 def bf16_matmul_fast(x, bits, rows_per_tile=None):  # [..., in], u16 [out, in] -> [..., out]
     """quant.bf16_matmul; the fused kernel for a few float32 rows of x, Numba-decoded tiles for more."""
     _, out, inn = check_bf16_matmul(x, bits, rows_per_tile)
-    y = _gemv(x, out, inn, "BF16", wh=bits)
-    if y is None and _plain(bits):
-        def decode(kernel, r0, r1):
-            tile = np.empty((r1 - r0, inn), dtype=np.uint32)
-            kernel.decode_bf16_rows(_host(bits), r0, tile)
-            return tile.view(np.float32)
 
-        y = _tiles(x, out, inn, decode, rows_per_tile or quant.tile_rows(x, out, inn))
+    def decode(kernel, r0, r1):
+        tile = np.empty((r1 - r0, inn), dtype=np.uint32)
+        kernel.decode_bf16_rows(_host(bits), r0, tile)
+        return tile.view(np.float32)
+
+    y = _gemv(x, out, inn, "BF16", wh=bits)
+    if y is None:
+        y = _tiles(x, (bits,), out, inn, decode, rows_per_tile or quant.tile_rows(x, out, inn))
     return quant.bf16_matmul(x, bits, rows_per_tile) if y is None else y
 
 
@@ -126,26 +125,28 @@ def dense_matmul_fast(x, w, rows_per_tile=None):  # [..., in], [out, in] -> [...
 def fp8_matmul_fast(x, data, scale, rows_per_tile=128):  # [..., in], u8 [out, in], f32 [] -> [..., out]
     """quant.fp8_matmul; the fused kernel for a few float32 rows of x, Numba-decoded tiles for more."""
     _, out, inn = check_fp8_matmul(x, data, scale, rows_per_tile)
-    y = _gemv(x, out, inn, "FP8", wb=data, scale=scale)
-    if y is None and _plain(data, np.asarray(scale)):
-        def decode(kernel, r0, r1):
-            tile = np.empty((r1 - r0, inn), dtype=np.float32)
-            kernel.decode_fp8_rows(_host(data), np.float32(scale), r0, tile)
-            return tile
 
-        y = _tiles(x, out, inn, decode, rows_per_tile)
+    def decode(kernel, r0, r1):
+        tile = np.empty((r1 - r0, inn), dtype=np.float32)
+        kernel.decode_fp8_rows(_host(data), np.float32(scale), r0, tile)
+        return tile
+
+    y = _gemv(x, out, inn, "FP8", wb=data, scale=scale)
+    if y is None:
+        y = _tiles(x, (data, np.asarray(scale)), out, inn, decode, rows_per_tile)
     return quant.fp8_matmul(x, data, scale, rows_per_tile) if y is None else y
 
 
 def nvfp4_matmul_fast(x, packed, block_scale, global_scale, rows_per_tile=128):  # [..., in], u8 [out, in/2] ...
     """quant.nvfp4_matmul; the fused kernel for a few float32 rows of x, Numba-decoded tiles for more."""
     _, out, inn = check_nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile)
-    y = _gemv(x, out, inn, "NVFP4", wb=packed, ws=block_scale, scale=global_scale)
-    if y is None and _plain(packed, block_scale, np.asarray(global_scale)):
-        def decode(kernel, r0, r1):
-            tile = np.empty((r1 - r0, inn), dtype=np.float32)
-            kernel.decode_nvfp4_rows(_host(packed), _host(block_scale), np.float32(global_scale), r0, tile)
-            return tile
 
-        y = _tiles(x, out, inn, decode, rows_per_tile)
+    def decode(kernel, r0, r1):
+        tile = np.empty((r1 - r0, inn), dtype=np.float32)
+        kernel.decode_nvfp4_rows(_host(packed), _host(block_scale), np.float32(global_scale), r0, tile)
+        return tile
+
+    y = _gemv(x, out, inn, "NVFP4", wb=packed, ws=block_scale, scale=global_scale)
+    if y is None:
+        y = _tiles(x, (packed, block_scale, np.asarray(global_scale)), out, inn, decode, rows_per_tile)
     return quant.nvfp4_matmul(x, packed, block_scale, global_scale, rows_per_tile) if y is None else y

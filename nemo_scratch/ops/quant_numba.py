@@ -118,8 +118,8 @@ def _lane_sum(acc, base):  # acc [m*LANES] -> the sum of acc[base : base+LANES],
 
 @numba.njit(**JIT)
 def _gemv_rows(fmt, xp, n, wf, wh, wb, ws, scale, y, r0, r1):  # y[:, r0:r1] = x @ W[r0:r1]^T
-    """xp [m, npad]: x zero-padded to a multiple of LANES, n its real width; the weight is wf (DENSE), wh (BF16), wb (FP8 data, NVFP4 packed) with ws (NVFP4 block
-    scales); scale: the FP8 scale or the NVFP4 global scale."""
+    """xp [m, npad]: x zero-padded to a multiple of LANES, n its real width; the weight is wf (DENSE), wh (BF16),
+    wb (FP8 data, NVFP4 packed) with ws (NVFP4 block scales); scale: the FP8 scale or the NVFP4 global scale."""
     m, npad = xp.shape
     chunk = np.empty(LANES, np.uint32)
     w = chunk.view(np.float32)                 # the decoded chunk W[r, k0 : k0+LANES]
