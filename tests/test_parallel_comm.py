@@ -23,7 +23,7 @@ from nemo_scratch import cli
 from nemo_scratch.checkpoint import make_random_checkpoint
 from nemo_scratch.config import preset
 from nemo_scratch.errors import BackendError, InputError, PlanError
-from nemo_scratch.parallel.comm import LocalComm, NcclComm, PeerFailed, run_ranks
+from nemo_scratch.parallel.comm import Comm, LocalComm, NcclComm, PeerFailed, run_ranks
 from nemo_scratch.parallel.launch import LaunchedModel
 from nemo_scratch.parallel.shard import Layout
 from nemo_scratch.parallel.tensor import RankModel
@@ -252,3 +252,11 @@ def test_modelled_ultra_figures_are_the_documented_ones():
             assert f"{report['collectives']['all_reduce']} all-reduces" in block.group(1)
     with pytest.raises(PlanError, match="'mamba_num_heads' = 256 cannot be split over R = 3"):
         modelled_decode(cfg, "ultra", Layout.of(tp=3))
+
+
+def test_a_communicator_without_its_collective_cannot_be_made():
+    class Half(Comm):      # counts, but never says how ranks combine
+        pass
+
+    with pytest.raises(TypeError, match="_collective"):
+        Half(0, 1)

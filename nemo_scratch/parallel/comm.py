@@ -20,6 +20,7 @@ the bytes it contributed (``nbytes``), so tests can hold the documented count pe
 
 from __future__ import annotations
 
+import abc
 import threading
 from collections import Counter
 
@@ -32,8 +33,9 @@ KINDS = ("all_reduce", "all_gather", "broadcast")
 BARRIER_TIMEOUT_S = 600.0      # a LocalComm rank waits this long for the others before it gives up
 
 
-class Comm:
-    """The interface and the counters; subclasses implement ``_collective(kind, x, arg)``."""
+class Comm(abc.ABC):
+    """The interface and the counters; a subclass implements ``_collective(kind, x, arg)`` (one without it
+    cannot be made: abc refuses to instantiate it)."""
 
     rank: int
     size: int
@@ -67,8 +69,10 @@ class Comm:
         self._count("broadcast", x)
         return self._collective("broadcast", x, root)
 
-    def _collective(self, kind, x, arg):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _collective(self, kind, x, arg):  # -> the result of collective ``kind`` (KINDS) of this rank's x
+        """Every rank's x combined as ``combine(kind, parts, arg)`` defines; ``arg`` is the gather axis or the
+        broadcast root."""
 
 
 def combine(kind, parts, arg):  # the R contributions (rank order) -> the result
